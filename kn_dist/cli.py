@@ -1,0 +1,172 @@
+"""`kn-dist` command line. Each subcommand parses its arguments and calls one library function.
+
+Imports are lazy so `kn-dist models` does not pay for Ray and MLflow. A `UserError` anywhere
+becomes one line on stderr and exit code 2 (bad input); anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kn_dist.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_TARGETS = ("layers", "models", "data", "ray", "tune")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kn_dist import config
+    from kn_dist.trainer import run_training
+
+    cfg = config.load(args.config, args.overrides)
+    if args.tracking_uri:
+        cfg.tracking.uri = args.tracking_uri
+    run_training(cfg, address=args.address, resume=args.resume)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from kn_dist.tune import run_sweep
+
+    run_sweep(args.sweep, args.overrides, tracking_uri=args.tracking_uri, address=args.address, resume=args.resume)
+    return 0
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from kn_dist.report import best_command
+
+    return best_command(
+        tracking_uri=args.tracking_uri, experiment=args.experiment, model=args.model, norm=args.norm, out=args.out
+    )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kn_dist.report import write_report
+
+    path = write_report(tracking_uri=args.tracking_uri, experiment=args.experiment, out_dir=args.out)
+    print(f"report written to {path}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from kn_dist.models.summary import format_table
+
+    print(format_table(family=args.family))
+    return 0
+
+
+def _cmd_data_write(args: argparse.Namespace) -> int:
+    from kn_dist.data import write_dataset
+
+    paths = write_dataset(
+        args.dataset,
+        args.out,
+        source_dir=args.source,
+        max_side=args.max_side,
+        jpeg_quality=args.jpeg_quality,
+        num_samples=args.num_samples,
+        image_size=args.image_size,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from kn_dist.data import inspect_beton
+
+    print(json.dumps(inspect_beton(args.file), indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"kn_dist.bench.{args.target}")
+    print(json.dumps(module.run(quick=args.quick), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kn_dist.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kn-dist", description="KernelNorm vs. standard normalisation at scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one config under Ray Train, tracked in MLflow")
+    p.add_argument("config", help="experiment YAML (see experiments/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.05")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue the run of the same name from its checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tune", help="run a Ray Tune sweep (experiments/sweeps/*.yaml)")
+    p.add_argument("sweep")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--address")
+    p.add_argument("--resume", action="store_true", help="restore an interrupted sweep of the same name")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("best", help="best configuration per (architecture, norm) from MLflow")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--experiment", help="MLflow experiment (default: the latest sweep)")
+    p.add_argument("--model")
+    p.add_argument("--norm")
+    p.add_argument("--out", help="write the best config as a YAML that `kn-dist train` accepts")
+    p.set_defaults(func=_cmd_best)
+
+    p = sub.add_parser("report", help="comparison tables and plots from MLflow")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--experiment")
+    p.add_argument("--out", required=True, help="output directory for report.md and PNG plots")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("models", help="table of registered models: norms, parameters, FLOPs")
+    p.add_argument("--family")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("data", help="write or inspect FFCV .beton datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    w = data_sub.add_parser("write", help="write train.beton and val.beton under --out")
+    w.add_argument("dataset", choices=["digits", "cifar10", "cifar100", "imagefolder", "synthetic"])
+    w.add_argument("--out", required=True)
+    w.add_argument("--source", help="imagefolder: class-folder root; cifar: download/cache dir")
+    w.add_argument("--max-side", type=int, default=256, help="imagefolder: longest side after resize")
+    w.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality")
+    w.add_argument("--num-samples", type=int, default=None, help="synthetic: number of images")
+    w.add_argument("--image-size", type=int, default=None, help="synthetic/digits: side length")
+    w.set_defaults(func=_cmd_data_write)
+    i = data_sub.add_parser("inspect", help="fields, sample count and resolution of a .beton")
+    i.add_argument("file")
+    i.set_defaults(func=_cmd_data_inspect)
+
+    p = sub.add_parser("bench", help="benchmarks; print one JSON object")
+    p.add_argument("target", choices=BENCH_TARGETS)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke check")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job on embedded defaults (digits, local Ray, local MLflow)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"kn-dist: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

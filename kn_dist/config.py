@@ -1,0 +1,172 @@
+"""Typed experiment configuration: one YAML file per run, overrides `a.b=value` on the command line.
+
+Every section forbids unknown keys, so a typo is an error that names the key (STYLE.md habit 3).
+`to_flat_dict` gives the `section.key` view that MLflow records as params.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kn_dist.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the .beton files are and how the FFCV loaders read them."""
+
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    root: str = "data"  # the dataset lives in <root>/<dataset>/{train,val}.beton
+    train_path: str | None = None  # explicit .beton paths override root/dataset
+    val_path: str | None = None
+    source_dir: str | None = None  # imagefolder: the class-folder tree to write from
+    image_size: int = Field(32, gt=0)  # resolution the model sees
+    batch_size: int = Field(128, gt=0)  # per Ray worker
+    val_batch_size: int | None = Field(None, gt=0)  # default: batch_size
+    normalization: Literal["mean_std", "unit"] = "mean_std"  # unit = x/255 only, as the KernelNorm paper
+    crop_padding: int = Field(4, ge=0)  # random-crop padding (translate) for training; 0 turns it off
+    hflip: bool = True
+    cutout: int = Field(0, ge=0)  # cutout square side; 0 turns it off
+    num_workers: int | None = Field(None, ge=1)  # loader threads; default: the CPUs given to each Ray worker
+    order: Literal["random", "quasi_random"] = "random"
+    os_cache: bool = True
+    batches_ahead: int = Field(3, ge=1)
+
+
+class ModelConfig(_Strict):
+    name: str = "resnet18_cifar"
+    norm: str | None = None  # None: the normalisation the architecture was published with
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # entrypoint arguments, e.g. KernelNorm kernel/dropout
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)  # for the global batch (batch_size x num_workers); not rescaled
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(5e-4, ge=0)  # applied to parameters with ndim >= 2 only
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)  # max global grad norm
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "onecycle", "multistep", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[int] = Field(default_factory=list)  # multistep, in epochs
+    gamma: float = Field(0.1, gt=0)  # multistep factor
+    min_lr: float = Field(0.0, ge=0)
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)  # only with use_gpu
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class CheckpointConfig(_Strict):
+    storage_path: str = "runs"  # local dir, or s3:// / gs:// / shared NFS on multi-node clusters
+    every_epochs: int = Field(1, ge=1)
+    keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)  # -1: retry forever
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db
+    experiment: str = "kn_dist"
+
+
+class ExperimentConfig(_Strict):
+    """One training run. `name` identifies it in storage: the same name resumes (Ray Train V2)."""
+
+    name: str = "run"
+    seed: int = 0
+    epochs: int = Field(10, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {where!r}; check the spelling against kn_dist/config.py"
+    return f"config key {where!r}: {first['msg']} (got {first.get('input')!r})"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict; a bad key or value raises UserError naming it."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_describe(err)) from None
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (None: all defaults) and apply command-line overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {str(path)!r} must hold a mapping of sections, not {type(raw).__name__}")
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def to_flat_dict(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """`{"optim.lr": 0.1, ...}`: the resolved config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg:
+        name = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            flat.update(to_flat_dict(value, f"{name}."))
+        elif isinstance(value, dict):
+            flat.update({f"{name}.{k}": v for k, v in value.items()} or {name: "{}"})
+        else:
+            flat[name] = value
+    return flat
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML that `load` accepts unchanged."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

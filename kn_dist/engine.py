@@ -1,0 +1,205 @@
+"""The training maths: optimizer, learning-rate schedule, one training epoch, evaluation.
+
+Pure torch — no Ray, no MLflow (DESIGN.md §1) — so every piece is testable in milliseconds and
+the same loop runs under Ray Train (kn_dist.worker) and bare (kn_dist.bench.ray). When a
+`torch.distributed` process group exists, epoch metrics are summed over ranks so every rank
+returns the global figures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kn_dist.config import OptimConfig, ScheduleConfig
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- optimizer & schedule
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW with weight decay on matrices/kernels only (p.ndim >= 2).
+
+    Biases and norm scales/shifts (1-D) are not decayed, as in nanoGPT's `configure_optimizers`;
+    KernelNorm has no affine parameters, so this rule needs no list of names.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_factor(step: int, cfg: ScheduleConfig, base_lr: float, epochs: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate before optimizer step `step` (0-based).
+
+    Warm-up rises linearly to 1 over `warmup_epochs` (first step already > 0). After it:
+    cosine decays to min_lr; onecycle is a cosine rise (over warmup_epochs, default 30 % of the
+    run as torch's OneCycleLR pct_start) then a cosine fall to min_lr; multistep multiplies by
+    gamma at each milestone epoch; constant stays at 1.
+    """
+    total = max(1, epochs * steps_per_epoch)
+    floor = cfg.min_lr / base_lr
+    if cfg.name == "onecycle":
+        # OneCycleLR (Smith & Topin 2017) with cosine annealing; starts at lr/25 like torch's div_factor.
+        up = max(1, round((cfg.warmup_epochs or 0.3 * epochs) * steps_per_epoch))
+        start = 1 / 25
+        if step < up:
+            return start + (1 - start) * (1 - math.cos(math.pi * step / up)) / 2
+        t = min(1.0, (step - up) / max(1, total - up))
+        return floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.name == "cosine":
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2
+    if cfg.name == "multistep":
+        epoch = step // steps_per_epoch
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR following `lr_factor`; call `.step()` after every optimizer step.
+
+    Its state_dict holds only the step count (the lambda is rebuilt from the config), so a
+    checkpoint restores the schedule exactly.
+    """
+    base_lr = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, base_lr, epochs, steps_per_epoch)
+    )
+
+
+def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only; a disabled scaler (a no-op passthrough) otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def autocast(precision: str, device: torch.device):
+    """Autocast context for bf16/fp16 (bf16 works on CPU too); nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def classification_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, smoothing: float):
+    """Cross-entropy; a tuple of logits (Conformer's CNN and transformer heads) gives the mean of their losses."""
+    if isinstance(outputs, tuple):
+        return sum(F.cross_entropy(o.float(), labels, label_smoothing=smoothing) for o in outputs) / len(outputs)
+    return F.cross_entropy(outputs.float(), labels, label_smoothing=smoothing)
+
+
+def _logits(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    # Conformer predicts with the sum of its two heads (what it returns in eval mode).
+    return sum(outputs) if isinstance(outputs, tuple) else outputs
+
+
+def _global_sums(*values: float, device: torch.device) -> list[float]:
+    """Sum scalars over ranks when a process group exists (one all-reduce for all of them)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    # gloo cannot reduce on CUDA tensors created elsewhere; use the group's natural device.
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=where)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    label_smoothing: float = 0.0,
+    grad_clip: float | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """One pass over `loader`; returns global mean loss, top-1 (fraction), images and seconds."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    start = time.perf_counter()
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(precision, device):
+            outputs = model(images)
+            loss = classification_loss(outputs, labels, label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        # Accumulate on device: no host sync per step.
+        n = labels.shape[0]
+        loss_sum += loss.detach().double() * n
+        correct += (_logits(outputs).detach().argmax(1) == labels).sum()
+        seen += n
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    loss_total, correct_total, seen_total = _global_sums(loss_sum.item(), correct.item(), seen, device=device)
+    return {
+        "loss": loss_total / max(1, seen_total),
+        "top1": correct_total / max(1, seen_total),
+        "images": seen_total,
+        "seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Global mean cross-entropy and top-1 over `loader` (summed over ranks).
+
+    Each rank must see a disjoint shard of the validation set for the figures to count every
+    sample once; kn_dist.data's validation loader is built that way.
+    """
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(precision, device):
+            logits = _logits(model(images))
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+        seen += labels.shape[0]
+    loss_total, correct_total, seen_total = _global_sums(loss_sum.item(), correct.item(), seen, device=device)
+    return {"loss": loss_total / max(1, seen_total), "top1": correct_total / max(1, seen_total), "images": seen_total}

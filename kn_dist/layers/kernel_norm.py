@@ -1,0 +1,227 @@
+"""KernelNorm layers (Nasirigerdeh et al., "Kernel Normalized Convolutional Networks", TMLR 2024).
+
+Semantics (DESIGN.md §3): a *unit* is one window of all C channels x kh x kw of the zero-padded
+input; its mean and biased variance are taken over a dropped-out copy of the unit, and the clean
+unit is normalised with them. No affine parameters, no running buffers: batch-independent.
+
+`KNConv2d` uses the exact pooled form of the statistics: per-window mean and variance are
+avg-pools of per-pixel channel statistics, so no unfold and no k²-sized tensor is built.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_Size2 = int | tuple[int, int]
+
+
+def _pair(value: _Size2, name: str) -> tuple[int, int]:
+    """Turn an int or a 2-sequence into a (h, w) pair of ints, or raise naming the value."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name}={value!r} must be an int or a pair of ints")
+
+
+def _check_geometry(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], dropout_p: float):
+    """Validate everything that does not depend on the input size (STYLE.md habit 7)."""
+    if min(kernel) < 1:
+        raise ValueError(f"kernel_size={kernel} must be >= 1")
+    if min(stride) < 1:
+        raise ValueError(f"stride={stride} must be >= 1")
+    if min(padding) < 0:
+        raise ValueError(f"padding={padding} must be >= 0")
+    if not (isinstance(dropout_p, int | float) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+
+
+def _output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]):
+    """Number of windows along H and W; raises if the kernel does not fit the padded input."""
+    out = []
+    for n, k, s, p, axis in zip(size, kernel, stride, padding, "HW", strict=True):
+        if n + 2 * p < k:
+            raise ValueError(f"kernel size {k} is larger than the padded input {axis}={n}+2*{p}={n + 2 * p}")
+        out.append((n + 2 * p - k) // s + 1)
+    return tuple(out)
+
+
+def dropout_keep_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None = None) -> Tensor:
+    """A bool mask with one Bernoulli(1 - p) draw per input element (True = kept).
+
+    Padded elements need no draw: they are zero, so dropping them or not changes nothing.
+    """
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    return keep.bernoulli_(1.0 - dropout_p, generator=generator)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    # fp32 statistics for half/bf16 inputs (DESIGN §3); fp64 stays fp64 (gradcheck).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def kernel_norm_stats(
+    x: Tensor,
+    kernel_size: _Size2,
+    stride: _Size2 = 1,
+    padding: _Size2 = 0,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    keep_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-window mean and biased variance of the dropped-out, zero-padded input (differentiable).
+
+    x: (N, C, H, W). Returns (mean, var), each (N, 1, H', W') in fp32 (fp64 for fp64 inputs).
+    Dropout is applied when `training` and `dropout_p > 0` (a fresh mask), or whenever `keep_mask`
+    (bool, shape of x, True = kept) is given; kept values are scaled by 1 / (1 - dropout_p).
+
+    Exact pooled form (DESIGN §3): every pixel holds C elements of the unit, so by the law of total
+    variance the window variance is avg_pool(per-pixel variance) + the variance of the per-pixel
+    means. The second term is a one-pass variance of a 1-channel map; shifting it by each sample's
+    mean keeps it accurate when activations have a large common offset. Padded pixels count with
+    mean 0 and variance 0, as in the official unfold code.
+    """
+    kernel, stride_, pad = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
+    _check_geometry(kernel, stride_, pad, dropout_p)
+    _output_size(tuple(x.shape[-2:]), kernel, stride_, pad)
+    d = x.to(_stats_dtype(x))
+    if keep_mask is None and training and dropout_p > 0:
+        keep_mask = dropout_keep_mask(x, dropout_p)
+    if keep_mask is not None:
+        d = d * keep_mask * (1.0 / (1.0 - dropout_p))
+    var_pix, mean_pix = torch.var_mean(d, dim=1, keepdim=True, correction=0)  # (N, 1, H, W) each
+    shift = mean_pix.mean(dim=(2, 3), keepdim=True).detach()  # (N, 1, 1, 1); any constant is exact
+    lr_tb = (pad[1], pad[1], pad[0], pad[0])
+    mean_pad = F.pad(mean_pix, lr_tb) - shift  # padded pixels: mean 0, shifted to -shift
+    var_pad = F.pad(var_pix, lr_tb)
+    mean_s = F.avg_pool2d(mean_pad, kernel, stride_)
+    second_s = F.avg_pool2d(var_pad + mean_pad.square(), kernel, stride_)
+    var = (second_s - mean_s.square()).clamp_min(0.0)
+    return mean_s + shift, var
+
+
+class KernelNorm2d(nn.Module):
+    """The paper's KernelNorm: normalise each (C, kh, kw) unit and tile the units.
+
+    Output (N, C, kh*H', kw*W') with H' = floor((H + 2p - kh) / sh) + 1: the shape is kept only for
+    kernel 1 (stride 1, padding 0) or kernel == stride with H, W divisible by it.
+    `eval_dropout=True` keeps dropout on the statistics in eval, as the official code does (it calls
+    F.dropout without `training=`); by default eval is deterministic.
+
+    Note: the official KernelNorm2d draws its dropout mask on the unfolded units, so overlapping
+    windows get independent masks; we draw one mask per input element (as the official KNConv2d
+    does). The two are identical for non-overlapping windows, the configuration the paper uses.
+    """
+
+    def __init__(
+        self,
+        kernel_size: _Size2,
+        stride: _Size2 = 1,
+        padding: _Size2 = 0,
+        dropout_p: float = 0.1,
+        eps: float = 1e-5,
+        eval_dropout: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        _check_geometry(self.kernel_size, self.stride, self.padding, dropout_p)
+        self.dropout_p = float(dropout_p)
+        self.eps = eps
+        self.eval_dropout = eval_dropout
+
+    def forward(self, x: Tensor, keep_mask: Tensor | None = None) -> Tensor:
+        """x: (N, C, H, W) -> (N, C, kh*H', kw*W'). `keep_mask` (bool, shape of x) replaces the random draw."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        h_out, w_out = _output_size(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.padding)
+        drop = self.training or self.eval_dropout
+        mean, var = kernel_norm_stats(x, self.kernel_size, self.stride, self.padding, self.dropout_p, drop, keep_mask)
+        rstd = torch.rsqrt(var + self.eps)
+        n, c = x.shape[:2]
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            return ((x - mean) * rstd).to(x.dtype)
+        xp = F.pad(x, (pw, pw, ph, ph))
+        units = xp.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, H', W', kh, kw), a view
+        units = (units - mean[..., None, None]) * rstd[..., None, None]
+        # tile: (N, C, H', kh, W', kw) -> (N, C, H'*kh, W'*kw)
+        return units.permute(0, 1, 2, 4, 3, 5).reshape(n, c, h_out * kh, w_out * kw).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dropout_p={self.dropout_p}, eps={self.eps}, eval_dropout={self.eval_dropout}"
+        )
+
+
+def kn_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: _Size2 = 1,
+    padding: _Size2 = 0,
+    groups: int = 1,
+    dropout_p: float = 0.05,
+    training: bool = False,
+    eps: float = 1e-5,
+    keep_mask: Tensor | None = None,
+) -> Tensor:
+    """Functional KNConv2d: KernelNorm(k, s, p) then a conv with kernel k and stride k on the tiles.
+
+    Computed as y = (conv(x~, W, s) - mu * sum(W)) / sqrt(var + eps) + b (DESIGN §3).
+    Statistics are over ALL C channels of a window even for groups > 1, while sum(W) is per filter
+    over (C_in/groups, kh, kw): this is what the official KNConv2d does (var_mean over the whole
+    unfolded (C, kh, kw) unit, `weight.sum(dim=[1, 2, 3])`), and it pads explicitly with zeros
+    that count in the statistics.
+    """
+    kernel = tuple(weight.shape[-2:])
+    stride_, pad = _pair(stride, "stride"), _pair(padding, "padding")
+    mean, var = kernel_norm_stats(x, kernel, stride_, pad, dropout_p, training, keep_mask)
+    rstd = torch.rsqrt(var + eps)
+    out = F.conv2d(x, weight, None, stride_, pad, 1, groups)
+    sum_w = weight.sum(dim=(1, 2, 3)).to(mean.dtype)  # (O,)
+    y = (out.to(mean.dtype) - mean * sum_w[None, :, None, None]) * rstd
+    if bias is not None:
+        y = y + bias.to(y.dtype)[None, :, None, None]
+    return y.to(out.dtype)
+
+
+class KNConv2d(nn.Conv2d):
+    """Kernel-normalised convolution, a drop-in `nn.Conv2d` (same weight/bias and state-dict keys).
+
+    Defaults follow the paper: dropout 0.05 on the statistics, eps 1e-5, zero padding counted.
+    `eval_dropout=True` reproduces the official code, whose dropout stays on in eval.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size2,
+        stride: _Size2 = 1,
+        padding: _Size2 = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dropout_p: float = 0.05,
+        eps: float = 1e-5,
+        eval_dropout: bool = False,
+    ) -> None:
+        kernel, stride_, pad = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
+        _check_geometry(kernel, stride_, pad, dropout_p)
+        super().__init__(in_channels, out_channels, kernel, stride_, pad, groups=groups, bias=bias)
+        self.dropout_p = float(dropout_p)
+        self.eps = eps
+        self.eval_dropout = eval_dropout
+
+    def forward(self, x: Tensor, keep_mask: Tensor | None = None) -> Tensor:
+        """x: (N, C_in, H, W) -> (N, C_out, H', W'). `keep_mask` (bool, shape of x) replaces the random draw."""
+        drop = self.training or self.eval_dropout
+        return kn_conv2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.groups, self.dropout_p, drop, self.eps, keep_mask
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropout_p={self.dropout_p}, eps={self.eps}, eval_dropout={self.eval_dropout}"
+
+
+__all__ = ["KNConv2d", "KernelNorm2d", "dropout_keep_mask", "kernel_norm_stats", "kn_conv2d"]

@@ -1,0 +1,152 @@
+"""Model registry: short entrypoints register themselves; `create_model` builds one by name.
+
+A norm is chosen by name only here, at the edge (STYLE.md habit 1): each entrypoint receives the
+validated norm string and turns it into layers with `kn_dist.layers.get_norm_layer`.
+"""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about one model name."""
+
+    name: str
+    family: str
+    norms: tuple[str, ...]  # every norm the entrypoint accepts
+    default_norm: str  # the normalisation the architecture was published with
+    input_size: int  # the square input resolution the model is built for
+    num_classes: int  # default head size (1000 for ImageNet-size, 10 for CIFAR-size)
+    fn: Callable[..., nn.Module]
+    # smallest cheap square input the registry-driven tests may use (None: input_size); for
+    # ImageNet-size models whose geometry also works at e.g. 64 px, so CPU tests stay fast
+    test_input_size: int | None = None
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    *,
+    family: str,
+    norms: tuple[str, ...],
+    default_norm: str,
+    input_size: int,
+    num_classes: int | None = None,
+    test_input_size: int | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register `fn(norm: str, num_classes: int, **kwargs) -> nn.Module` under its name.
+
+    `test_input_size` (optional) is a smaller input at which the model's geometry still works; the
+    registry-driven tests use it instead of `input_size` to keep CPU tests cheap.
+    """
+    if default_norm not in norms:
+        raise ValueError(f"default norm {default_norm!r} is not among the supported norms {norms}")
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = fn.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered; model names must be unique")
+        classes = num_classes if num_classes is not None else (1000 if input_size >= 128 else 10)
+        _MODELS[name] = ModelInfo(name, family, tuple(norms), default_norm, input_size, classes, fn, test_input_size)
+        return fn
+
+    return decorator
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Registered model names, sorted; only one family's when `family` is given."""
+    return sorted(n for n, info in _MODELS.items() if family is None or info.family == family)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for `name`; a ValueError listing the valid names otherwise."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def create_model(name: str, norm: str | None = None, num_classes: int | None = None, **kwargs) -> nn.Module:
+    """Build model `name` with normalisation `norm` (None: the published one).
+
+    Extra keyword arguments go to the entrypoint (e.g. KernelNorm kernel size / dropout), so a
+    sweep can search them; an entrypoint refuses geometry that cannot work with a ValueError.
+    """
+    info = model_info(name)
+    norm = info.default_norm if norm is None else norm
+    if norm not in info.norms:
+        raise ValueError(f"model {name!r} does not support norm {norm!r}; valid norms are: {', '.join(info.norms)}")
+    params = inspect.signature(info.fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        valid = [n for n in params if n not in ("norm", "num_classes")]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"model {name!r} has no argument {', '.join(map(repr, unknown))}; valid arguments are: "
+                f"{', '.join(valid) or '(none)'}"
+            )
+    return info.fn(norm=norm, num_classes=info.num_classes if num_classes is None else num_classes, **kwargs)
+
+
+def refuse_kn_kwargs(model: str, norm: str, kn_norms: tuple[str, ...], **kn_kwargs) -> None:
+    """Refuse KernelNorm hyperparameters given to a model built without KernelNorm.
+
+    Entrypoints default their `kn_*` arguments to None; a value set with a norm that does not use it
+    would otherwise be silently ignored (STYLE.md: no silently ignored keys).
+    """
+    given = [k for k, v in kn_kwargs.items() if v is not None]
+    if given and norm not in kn_norms:
+        raise ValueError(
+            f"{model}: {', '.join(given)} only apply to norm {' or '.join(map(repr, kn_norms))}, not norm {norm!r}"
+        )
+
+
+def check_geometry(build: Callable[[], nn.Module], input_size: int, model: str) -> None:
+    """Refuse a model whose layers cannot process a (1, 3, input_size, input_size) input.
+
+    `build()` is run on the meta device (no memory, no init cost) and one forward pass is traced
+    there; the first layer that fails (a kernel larger than its padded input, a map pooled to zero)
+    is named in a ValueError together with the input it got.
+    """
+    with torch.device("meta"):
+        probe = build().eval()
+    stack: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    handles = []
+    for layer_name, module in probe.named_modules():
+        if layer_name:
+            handles.append(module.register_forward_pre_hook(_push(stack, layer_name, module)))
+            handles.append(module.register_forward_hook(_pop(stack)))
+    try:
+        with torch.no_grad():
+            probe(torch.empty(1, 3, input_size, input_size, device="meta"))
+    except (RuntimeError, ValueError) as err:
+        if not stack:
+            raise
+        layer_name, module, shape = stack[-1]
+        raise ValueError(
+            f"{model}: layer {layer_name!r} ({module.__class__.__name__}) cannot take its {shape[-2]}x{shape[-1]} "
+            f"feature map at input size {input_size}: {err}"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pop(stack: list) -> Callable:
+    def hook(*_) -> None:  # a forward hook must return None, or it would replace the output
+        stack.pop()
+
+    return hook
+
+
+def _push(stack: list, layer_name: str, module: nn.Module) -> Callable:
+    def hook(_module: nn.Module, args: tuple) -> None:
+        shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else (0, 0)
+        stack.append((layer_name, module, shape))
+
+    return hook

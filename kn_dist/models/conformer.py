@@ -1,0 +1,1 @@
+"""conformer family (placeholder until implemented)."""

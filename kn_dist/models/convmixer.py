@@ -1,0 +1,1 @@
+"""convmixer family (placeholder until implemented)."""

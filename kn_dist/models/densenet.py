@@ -1,0 +1,1 @@
+"""densenet family (placeholder until implemented)."""

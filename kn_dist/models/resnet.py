@@ -1,0 +1,1 @@
+"""resnet family (placeholder until implemented)."""

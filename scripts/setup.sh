@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One idempotent set-up from a fresh clone: system packages ffcv needs, .venv, the package.
+# Re-running it does nothing that is already done (a stamp file records the installed pyproject).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PACKAGES="pkg-config libopencv-dev libturbojpeg0-dev"
+missing=()
+for pkg in $SYSTEM_PACKAGES; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "setup: installing system packages ffcv needs: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "setup: ffcv needs system packages that are missing: ${missing[*]}." >&2
+    echo "setup: install them first, e.g.: sudo apt-get install -y ${missing[*]}" >&2
+    exit 2
+  fi
+fi
+
+PY=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+
+stamp=.venv/.kn_dist-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing kn_dist and its pinned dependencies into .venv (first time: several minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  # ffcv 1.0.2 ships only an sdist whose build imports numpy/opencv; build it against the venv.
+  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" numpy cython pkgconfig opencv-python-headless pillow numba
+  .venv/bin/python -m pip install -q --no-build-isolation "ffcv==1.0.2"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+else
+  # The editable install is cheap to refresh and keeps the console script in place.
+  :
+fi
