@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kn_dist.errors import UserError
 
@@ -43,6 +43,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "resnet18_cifar"
     norm: str | None = None  # None: the normalisation the architecture was published with
+    num_classes: int | None = Field(None, gt=1)  # None: the dataset's number of classes
     kwargs: dict[str, Any] = Field(default_factory=dict)  # entrypoint arguments, e.g. KernelNorm kernel/dropout
 
 
@@ -88,7 +89,8 @@ class TrackingConfig(_Strict):
 class ExperimentConfig(_Strict):
     """One training run. `name` identifies it in storage: the same name resumes (Ray Train V2)."""
 
-    name: str = "run"
+    # A directory name under checkpoint.storage_path: stable, no timestamps (DESIGN.md §7).
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$", max_length=200)
     seed: int = 0
     epochs: int = Field(10, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -103,10 +105,26 @@ class ExperimentConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        """Checks that span sections; each message names the keys involved."""
+        bad = [m for m in self.schedule.milestones if not 1 <= m <= self.epochs]
+        if bad:
+            raise ValueError(f"schedule.milestones {bad} must lie within 1..epochs ({self.epochs})")
+        if self.schedule.warmup_epochs > self.epochs:
+            raise ValueError(f"schedule.warmup_epochs {self.schedule.warmup_epochs} exceeds epochs ({self.epochs})")
+        if self.schedule.min_lr >= self.optim.lr:
+            raise ValueError(f"schedule.min_lr {self.schedule.min_lr} must be below optim.lr {self.optim.lr}")
+        if self.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("precision fp16 needs scaling.use_gpu=true; on CPU use precision=bf16")
+        return self
+
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "<root>"
+    where = ".".join(str(p) for p in first["loc"])
+    if not where:  # a cross-section check of ExperimentConfig._consistent
+        return f"config: {first['msg'].removeprefix('Value error, ')}"
     if first["type"] == "extra_forbidden":
         return f"unknown config key {where!r}; check the spelling against kn_dist/config.py"
     return f"config key {where!r}: {first['msg']} (got {first.get('input')!r})"

@@ -27,17 +27,20 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 
+# pip warns once per package about this machine's local index folders; keep real errors visible.
+pip_install() {
+  { .venv/bin/python -m pip install -q "$@" 2>&1; } | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 stamp=.venv/.kn_dist-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing kn_dist and its pinned dependencies into .venv (first time: several minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  # ffcv 1.0.2 ships only an sdist whose build imports numpy/opencv; build it against the venv.
-  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" numpy cython pkgconfig opencv-python-headless pillow numba
-  .venv/bin/python -m pip install -q --no-build-isolation "ffcv==1.0.2"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  pip_install --upgrade pip setuptools wheel
+  # ffcv 1.0.2 ships only an sdist whose build imports numpy/opencv and which declares neither
+  # them nor Pillow: install them first and build ffcv against the venv (no build isolation).
+  pip_install "torch==2.14.1" "torchvision==0.29.1" numpy cython pkgconfig opencv-python-headless pillow numba
+  pip_install --no-build-isolation "ffcv==1.0.2"
+  pip_install -e ".[dev]"
   echo "$want" > "$stamp"
-else
-  # The editable install is cheap to refresh and keeps the console script in place.
-  :
 fi

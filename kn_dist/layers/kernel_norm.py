@@ -11,6 +11,7 @@ avg-pools of per-pixel channel statistics, so no unfold and no k²-sized tensor 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 _Size2 = int | tuple[int, int]
 
@@ -154,6 +155,100 @@ class KernelNorm2d(nn.Module):
         )
 
 
+def _pooled_stats(x: Tensor, kernel, stride, padding, keep: Tensor | None, scale: float):
+    """No-grad core of the pooled statistics: (mean, var, shift), each fp32 (N, 1, ...); see kernel_norm_stats."""
+    d = x.to(_stats_dtype(x))
+    if keep is not None:
+        d = d * keep * scale
+    var_pix, mean_pix = torch.var_mean(d, dim=1, keepdim=True, correction=0)  # (N, 1, H, W)
+    del d
+    shift = mean_pix.mean(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1)
+    lr_tb = (padding[1], padding[1], padding[0], padding[0])
+    mean_pad = F.pad(mean_pix, lr_tb).sub_(shift)
+    second = F.pad(var_pix, lr_tb).addcmul_(mean_pad, mean_pad)
+    mean_s = F.avg_pool2d(mean_pad, kernel, stride)
+    var = F.avg_pool2d(second, kernel, stride).addcmul_(mean_s, mean_s, value=-1.0).clamp_min_(0.0)
+    return mean_s.add_(shift), var, shift
+
+
+class _KNConv2dFunction(torch.autograd.Function):
+    """y = (conv(x~, W, s) - mu * sum(W)) * rstd + b with a hand-written backward.
+
+    It saves x, W, the bool keep mask, the output y and three 1-channel maps (mean, rstd, shift),
+    where autograd through the pooled form would also keep the conv output, the dropped-out copy
+    and several output-sized temporaries. Normalisation is done in place on the conv output (two
+    passes), and backward reads the output gradient four times, never building a k²-sized tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, groups, eps, keep, scale):
+        kernel = tuple(weight.shape[-2:])
+        mean, var, shift = _pooled_stats(x, kernel, stride, padding, keep, scale)
+        rstd = var.add_(eps).rsqrt_()  # (N, 1, H', W')
+        z = F.conv2d(x, weight, None, stride, padding, 1, groups)  # (N, O, H', W')
+        n, o, h_out, w_out = z.shape
+        sdt = mean.dtype
+        sum_w = weight.sum(dim=(1, 2, 3), dtype=sdt)  # (O,)
+        # y = z * rstd + [-sum_w, b] @ [mean * rstd, 1]: one mul and one batched K<=2 matmul, in place.
+        coef = [-sum_w] if bias is None else [-sum_w, bias.to(sdt)]
+        lhs = torch.stack(coef, dim=1).expand(n, o, len(coef))  # (N, O, K)
+        rows = [(mean * rstd).view(n, 1, -1)] + ([] if bias is None else [torch.ones_like(mean).view(n, 1, -1)])
+        rhs = torch.cat(rows, dim=1)  # (N, K, L)
+        y = z.mul_(rstd) if z.dtype == sdt else z.to(sdt).mul_(rstd)
+        y.view(n, o, -1).baddbmm_(lhs, rhs)
+        y = y.to(x.dtype)
+        ctx.conf = (stride, padding, groups, scale, bias is not None)
+        ctx.save_for_backward(x, weight, keep, y, mean, rstd, shift, sum_w, bias)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, weight, keep, y, mean, rstd, shift, sum_w, bias = ctx.saved_tensors
+        stride, padding, groups, scale, has_bias = ctx.conf
+        n, o, h_out, w_out = gy.shape
+        c, sdt = x.shape[1], mean.dtype
+        gy = gy.contiguous()
+        gy3 = gy.view(n, o, -1).to(sdt)  # (N, O, L)
+        # Reductions over the output channels: sum_o gy*sum_w, sum_o gy*b, sum_o gy*y.
+        coef = torch.stack([sum_w] + ([bias.to(sdt)] if has_bias else []), dim=0)  # (K, O)
+        red = torch.matmul(coef, gy3)  # (N, K, L)
+        gy_y = torch.linalg.vecdot(gy3, y.view(n, o, -1).to(sdt), dim=1)  # (N, L)
+        gy_u = gy_y - red[:, 1] if has_bias else gy_y  # sum_o gy * (y - b) = rstd * sum_o gy * (z - mu sum_w)
+        gy_u = gy_u.view(n, 1, h_out, w_out)
+        gy_sw = red[:, 0].view(n, 1, h_out, w_out)
+        g_var = gy_u * rstd.square() * -0.5  # d rstd / d var = -rstd^3 / 2
+        g_mean = -(rstd * gy_sw) - 2.0 * (mean - shift) * g_var  # shifted: exact for any constant shift
+        # Reductions over (N, L): bias grad and the grad of sum_w (added to every weight of a filter).
+        red2 = torch.matmul(gy3, torch.stack([torch.ones_like(mean), mean * rstd], dim=-1).view(n, -1, 2))  # (N, O, 2)
+        red2 = red2.sum(0)
+        gz = (gy3 * rstd.view(n, 1, -1)).view(gy.shape).to(x.dtype)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            gz, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, (True, True, False)
+        )
+        del gz
+        gw = gw.add_(-red2[:, 1].to(gw.dtype).view(o, 1, 1, 1))
+        gb = red2[:, 0].to(weight.dtype) if has_bias else None
+        # Statistics path: per-window grads -> per-pixel grads (transpose of the average pooling) -> input.
+        kernel = tuple(weight.shape[-2:])
+        ph, pw = padding
+        padded = (n, 1, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+        both = torch.cat([g_mean, g_var], dim=1)  # (N, 2, H', W')
+        g_pix = torch.ops.aten.avg_pool2d_backward(
+            both, both.new_zeros(()).expand(n, 2, *padded[2:]), kernel, stride, (0, 0), False, True, None
+        )[..., ph : ph + x.shape[2], pw : pw + x.shape[3]]
+        g_m, g_q = g_pix[:, :1] / c, g_pix[:, 1:] * (2.0 / c)  # d mean_pix / d d = 1/C, d q / d d = 2 d / C
+        # d = scale * keep * x and the shifted second moment uses (d - shift):
+        # grad_x = keep * scale * (g_m + g_q * (scale * x - shift)).
+        a = (g_m - g_q * shift) * scale
+        b = g_q * (scale * scale)
+        g_stats = torch.addcmul(a, b, x.to(sdt))
+        if keep is not None:
+            g_stats.mul_(keep)
+        gx.add_(g_stats.to(gx.dtype))
+        return gx, gw, gb, None, None, None, None, None, None
+
+
 def kn_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -176,9 +271,29 @@ def kn_conv2d(
     """
     kernel = tuple(weight.shape[-2:])
     stride_, pad = _pair(stride, "stride"), _pair(padding, "padding")
-    mean, var = kernel_norm_stats(x, kernel, stride_, pad, dropout_p, training, keep_mask)
+    _check_geometry(kernel, stride_, pad, dropout_p)
+    _output_size(tuple(x.shape[-2:]), kernel, stride_, pad)
+    if keep_mask is None and training and dropout_p > 0:
+        keep_mask = dropout_keep_mask(x, dropout_p)
+    scale = 1.0 / (1.0 - dropout_p)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _KNConv2dFunction.apply(
+                x.to(dtype), weight.to(dtype), bias, stride_, pad, groups, eps, keep_mask, scale
+            )
+    return _KNConv2dFunction.apply(x, weight, bias, stride_, pad, groups, eps, keep_mask, scale)
+
+
+def _kn_conv2d_autograd(x, weight, bias, stride, padding, groups, eps, keep_mask, scale):
+    """The same maths through autograd (the "straightforward pooled" version; kept for tests/bench)."""
+    kernel = tuple(weight.shape[-2:])
+    p = 1.0 - 1.0 / scale
+    mean, var = kernel_norm_stats(x, kernel, stride, padding, p, False, keep_mask)
     rstd = torch.rsqrt(var + eps)
-    out = F.conv2d(x, weight, None, stride_, pad, 1, groups)
+    out = F.conv2d(x, weight, None, stride, padding, 1, groups)
     sum_w = weight.sum(dim=(1, 2, 3)).to(mean.dtype)  # (O,)
     y = (out.to(mean.dtype) - mean * sum_w[None, :, None, None]) * rstd
     if bias is not None:

@@ -147,7 +147,9 @@ def embed_grid_shape(dim: int, kernel_size: int) -> tuple[int, int]:
     for a in range(math.isqrt(dim), 0, -1):
         if dim % a == 0 and a % kernel_size == 0 and (dim // a) % kernel_size == 0:
             return a, dim // a
-    raise ValueError(f"KernelNormEmbedGrid: embedding dim {dim} has no a×b grid with both sides divisible by {kernel_size}")
+    raise ValueError(
+        f"KernelNormEmbedGrid: embedding dim {dim} has no a×b grid with both sides divisible by {kernel_size}"
+    )
 
 
 class KernelNormEmbedGrid(nn.Module):
@@ -177,7 +179,9 @@ class KernelNormEmbedGrid(nn.Module):
         xf = x.to(_stats_dtype(x))
         stats_src = _dropped(xf, self.dropout_p, self.training or self.eval_dropout, keep_mask)
         # (N, L, a/k, k, b/k, k): one unit = dims (1, 3, 5)
-        var, mu = torch.var_mean(stats_src.view(n, length, a // k, k, b // k, k), dim=(1, 3, 5), unbiased=False, keepdim=True)
+        var, mu = torch.var_mean(
+            stats_src.view(n, length, a // k, k, b // k, k), dim=(1, 3, 5), unbiased=False, keepdim=True
+        )
         out = (xf.view(n, length, a // k, k, b // k, k) - mu) * torch.rsqrt(var + self.eps)
         return out.view(n, length, d).to(x.dtype)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def refuse_kn_kwargs(model: str, norm: str, kn_norms: tuple[str, ...], **kn_kwar
     given = [k for k, v in kn_kwargs.items() if v is not None]
     if given and norm not in kn_norms:
         raise ValueError(
-            f"{model}: {', '.join(given)} only apply to norm {' or '.join(map(repr, kn_norms))}, not norm {norm!r}"
+            f"{model}: KernelNorm argument(s) {', '.join(given)} apply only to norm "
+            f"{' or '.join(map(repr, kn_norms))}, not norm {norm!r}"
         )
 
 
@@ -113,8 +115,23 @@ def check_geometry(build: Callable[[], nn.Module], input_size: int, model: str) 
     there; the first layer that fails (a kernel larger than its padded input, a map pooled to zero)
     is named in a ValueError together with the input it got.
     """
-    with torch.device("meta"):
-        probe = build().eval()
+    try:
+        with torch.device("meta"):
+            _trace(build().eval(), input_size, model, "meta")
+    except _MetaUnsupported:
+        # A layer that asks for the autocast state of its input's device cannot run on "meta"
+        # (torch.is_autocast_enabled("meta") raises); fake tensors report the CPU device instead.
+        # Same answer, ~10x slower, so only a fallback.
+        with torch.device("cpu"), FakeTensorMode():
+            _trace(build().eval(), input_size, model, "cpu")
+
+
+class _MetaUnsupported(Exception):
+    pass
+
+
+def _trace(probe: nn.Module, input_size: int, model: str, device: str) -> None:
+    """One forward pass with hooks that keep the stack of layers entered and not yet left."""
     stack: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     handles = []
     for layer_name, module in probe.named_modules():
@@ -123,8 +140,10 @@ def check_geometry(build: Callable[[], nn.Module], input_size: int, model: str) 
             handles.append(module.register_forward_hook(_pop(stack)))
     try:
         with torch.no_grad():
-            probe(torch.empty(1, 3, input_size, input_size, device="meta"))
+            probe(torch.empty(1, 3, input_size, input_size, device=device))
     except (RuntimeError, ValueError) as err:
+        if device == "meta" and "autocast" in str(err):
+            raise _MetaUnsupported from err
         if not stack:
             raise
         layer_name, module, shape = stack[-1]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kn_dist.layers.kernel_norm_tokens import KernelNormEmbedGrid, KernelNormTokens
-from kn_dist.models._registry import register_model
+from kn_dist.models._registry import refuse_kn_kwargs, register_model
 
 NormFactory = Callable[[int], nn.Module]  # dim -> norm module acting on (N, L, dim)
 
@@ -46,7 +46,8 @@ def token_norm_factory(
     if norm == "kn":
         kw = dict(kernel_size=kn_kernel_size, stride=kn_stride, dropout_p=kn_dropout_p, eval_dropout=kn_eval_dropout)
         KernelNormTokens(num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, **kw)  # validate geometry now
-        return lambda dim: KernelNormTokens(num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, **kw)
+        # the layers read the (square) grid off the sequence, so the model also runs at other input sizes
+        return lambda dim: KernelNormTokens(num_prefix_tokens=num_prefix_tokens, **kw)
     if norm == "kn_embed":
         if kn_stride not in (None, kn_kernel_size):
             raise ValueError(f"kn_embed: kn_stride={kn_stride} must equal kn_kernel_size={kn_kernel_size}")
@@ -89,7 +90,9 @@ class Mlp(nn.Sequential):
     """Linear → GELU → Dropout → Linear → Dropout."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
 
 
 class Block(nn.Module):
@@ -126,7 +129,11 @@ def init_transformer_weights(m: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a class token, learned position embeddings and a linear head on the class token."""
+    """ViT with a class token, learned position embeddings and a linear head on the class token.
+
+    Built for `image_size` (the position-embedding grid); other square sizes divisible by the patch
+    resample the position embeddings, so ImageNet-size models can also run small inputs.
+    """
 
     def __init__(
         self,
@@ -151,7 +158,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.pos_drop = nn.Dropout(dropout)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
         self.blocks = nn.Sequential(
             *[Block(dim, num_heads, mlp_dim, norm_layer, dropout, attention_dropout, r) for r in rates]
         )
@@ -167,68 +174,136 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, _, height, width = x.shape
-        expected = self.grid_size[0] * self.patch_size
-        if (height, width) != (expected, expected):
-            raise ValueError(f"VisionTransformer: built for {expected}×{expected} inputs, got {height}×{width}")
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"VisionTransformer: input {height}×{width} is not divisible by the patch size {self.patch_size}"
+            )
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, h·w, D), row-major grid order
         x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)  # (N, 1 + h·w, D)
-        x = self.pos_drop(x + self.pos_embed)
+        x = self.pos_drop(x + self._pos_embed(height // self.patch_size, width // self.patch_size))
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
 
+    def _pos_embed(self, h: int, w: int) -> Tensor:
+        """Position embeddings for an h×w grid: bicubic resampling of the built-for grid's when they differ.
+
+        This is how ViTs are evaluated / fine-tuned at other resolutions (Dosovitskiy et al. 2021, §3.2).
+        """
+        if (h, w) == self.grid_size:
+            return self.pos_embed
+        gh, gw = self.grid_size
+        grid = self.pos_embed[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)  # (1, 1 + h·w, D)
+
 
 def _vit(
+    name: str,
     norm: str,
     num_classes: int,
-    *,
-    image_size: int,
-    patch_size: int,
-    dim: int,
-    depth: int,
-    num_heads: int,
-    mlp_dim: int,
-    kn_kernel_size: int = 2,
-    kn_stride: int | None = None,
-    kn_dropout_p: float = 0.05,
-    kn_eval_dropout: bool = False,
-    **kwargs,
+    arch: tuple[int, int, int, int, int, int],
+    input_size: int | None,
+    kn_kernel_size: int | None,
+    kn_stride: int | None,
+    kn_dropout_p: float | None,
+    kn_eval_dropout: bool | None,
+    dropout: float,
+    attention_dropout: float,
+    drop_path_rate: float,
 ) -> VisionTransformer:
-    if image_size % patch_size:
-        raise ValueError(f"ViT: image_size={image_size} is not divisible by patch_size={patch_size}")
-    grid = (image_size // patch_size, image_size // patch_size)
+    """Build a ViT from arch = (default input size, patch, dim, depth, heads, mlp_dim)."""
+    kn = dict(
+        kn_kernel_size=kn_kernel_size, kn_stride=kn_stride, kn_dropout_p=kn_dropout_p, kn_eval_dropout=kn_eval_dropout
+    )
+    refuse_kn_kwargs(name, norm, ("kn", "kn_embed"), **kn)
+    default_size, patch_size, dim, depth, num_heads, mlp_dim = arch
+    input_size = default_size if input_size is None else input_size
+    if input_size % patch_size:
+        raise ValueError(f"{name}: input_size={input_size} is not divisible by the patch size {patch_size}")
+    grid = (input_size // patch_size, input_size // patch_size)
     norm_layer = token_norm_factory(
         norm,
         grid,
-        kn_kernel_size=kn_kernel_size,
+        kn_kernel_size=2 if kn_kernel_size is None else kn_kernel_size,
         kn_stride=kn_stride,
-        kn_dropout_p=kn_dropout_p,
-        kn_eval_dropout=kn_eval_dropout,
+        kn_dropout_p=0.05 if kn_dropout_p is None else kn_dropout_p,
+        kn_eval_dropout=bool(kn_eval_dropout),
     )
-    return VisionTransformer(image_size, patch_size, dim, depth, num_heads, mlp_dim, num_classes, norm_layer, **kwargs)
+    return VisionTransformer(
+        input_size, patch_size, dim, depth, num_heads, mlp_dim, num_classes, norm_layer,
+        dropout=dropout, attention_dropout=attention_dropout, drop_path_rate=drop_path_rate,
+    )  # fmt: skip
 
 
 _NORMS = ("ln", "kn", "kn_embed")
 
+# Every entrypoint takes the same options (None: the default in brackets):
+#   input_size        square input resolution [registered size]; sets the token grid and position embeddings
+#   kn_kernel_size    KernelNorm window, in tokens for "kn", in embedding-grid cells for "kn_embed" [2]
+#   kn_stride         must equal kn_kernel_size (non-overlapping windows keep the sequence) [= kernel]
+#   kn_dropout_p      dropout on the KernelNorm statistics [0.05, KNConv's paper value]
+#   kn_eval_dropout   keep that dropout on in eval, as the official KernelNorm code does [False]
+#   dropout, attention_dropout, drop_path_rate   usual ViT regularisers [0]
+
 
 @register_model(family="vit", norms=_NORMS, default_norm="ln", input_size=32)
-def vit_cifar(norm: str, num_classes: int, image_size: int = 32, **kwargs) -> VisionTransformer:
-    """Small-dataset ViT (Lee et al. 2021, arXiv:2112.13492 baseline): patch 4, d 192, depth 9, 12 heads, mlp ×2."""
+def vit_cifar(
+    norm: str,
+    num_classes: int,
+    input_size: int | None = None,
+    kn_kernel_size: int | None = None,
+    kn_stride: int | None = None,
+    kn_dropout_p: float | None = None,
+    kn_eval_dropout: bool | None = None,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> VisionTransformer:
+    """Small-dataset ViT (Lee et al. 2021, arXiv:2112.13492, baseline): patch 4, d 192, depth 9, 12 heads, mlp ×2."""
+    arch = (32, 4, 192, 9, 12, 384)
     return _vit(
-        norm, num_classes, image_size=image_size, patch_size=4, dim=192, depth=9, num_heads=12, mlp_dim=384, **kwargs
-    )
+        "vit_cifar", norm, num_classes, arch, input_size, kn_kernel_size, kn_stride, kn_dropout_p, kn_eval_dropout,
+        dropout, attention_dropout, drop_path_rate,
+    )  # fmt: skip
 
 
-@register_model(family="vit", norms=_NORMS, default_norm="ln", input_size=224)
-def vit_s_16(norm: str, num_classes: int, image_size: int = 224, **kwargs) -> VisionTransformer:
+@register_model(family="vit", norms=_NORMS, default_norm="ln", input_size=224, test_input_size=64)
+def vit_s_16(
+    norm: str,
+    num_classes: int,
+    input_size: int | None = None,
+    kn_kernel_size: int | None = None,
+    kn_stride: int | None = None,
+    kn_dropout_p: float | None = None,
+    kn_eval_dropout: bool | None = None,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> VisionTransformer:
     """ViT-S/16 (DeiT-S shape): d 384, depth 12, 6 heads, mlp 1536."""
+    arch = (224, 16, 384, 12, 6, 1536)
     return _vit(
-        norm, num_classes, image_size=image_size, patch_size=16, dim=384, depth=12, num_heads=6, mlp_dim=1536, **kwargs
-    )
+        "vit_s_16", norm, num_classes, arch, input_size, kn_kernel_size, kn_stride, kn_dropout_p, kn_eval_dropout,
+        dropout, attention_dropout, drop_path_rate,
+    )  # fmt: skip
 
 
-@register_model(family="vit", norms=_NORMS, default_norm="ln", input_size=224)
-def vit_b_16(norm: str, num_classes: int, image_size: int = 224, **kwargs) -> VisionTransformer:
+@register_model(family="vit", norms=_NORMS, default_norm="ln", input_size=224, test_input_size=64)
+def vit_b_16(
+    norm: str,
+    num_classes: int,
+    input_size: int | None = None,
+    kn_kernel_size: int | None = None,
+    kn_stride: int | None = None,
+    kn_dropout_p: float | None = None,
+    kn_eval_dropout: bool | None = None,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> VisionTransformer:
     """ViT-B/16: d 768, depth 12, 12 heads, mlp 3072 (torchvision's parameter count with "ln")."""
+    arch = (224, 16, 768, 12, 12, 3072)
     return _vit(
-        norm, num_classes, image_size=image_size, patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072, **kwargs
-    )
+        "vit_b_16", norm, num_classes, arch, input_size, kn_kernel_size, kn_stride, kn_dropout_p, kn_eval_dropout,
+        dropout, attention_dropout, drop_path_rate,
+    )  # fmt: skip

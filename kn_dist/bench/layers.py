@@ -1,0 +1,178 @@
+"""`kn-dist bench layers`: KNConv2d vs. the official-style KernelNorm conv vs. Conv2d + BatchNorm2d.
+
+For each shape of issue 2's table, forward+backward (training mode, dropout on the statistics) is
+timed and its peak memory measured for:
+  - kn:        our KNConv2d (pooled statistics, custom autograd function),
+  - official:  the official code's method, written here as the reference: zero-pad, conv, dropout on
+               the padded input, unfold every (C, kh, kw) unit, var_mean per unit, then
+               (conv - mu * sum(W)) / sqrt(var + eps) + b, all through autograd,
+  - conv_bn:   nn.Conv2d followed by nn.BatchNorm2d (training mode),
+  - pooled:    the same pooled maths as kn but through plain autograd (shows what the custom
+               function buys; not part of the targets).
+
+Method. Batch 32, fp32, CPU with torch.set_num_threads(2). Time: the implementations run in turn
+(interleaved) `repeats` times after a warm-up, each run = forward + backward with a fixed output
+gradient, gradients reset to None first; we report the median in ms. Peak memory: one extra run per
+implementation under torch.profiler with profile_memory=True; the allocator events (+bytes on
+allocation, -bytes on free, in time order) are summed and the maximum of the running total is the
+peak of torch-allocated bytes live at once during forward+backward, beyond what existed before
+(input, weights, output gradient). This counts tensors, not the C allocator's caches, so it is
+repeatable and independent of malloc's reuse; it does not see oneDNN's private scratch buffers.
+
+Targets (issue 2, 3x3 stride 1 cases): kn >= 6x faster and >= 4x less peak memory than official;
+kn <= 1.25x the time and <= 1.5x the peak memory of conv_bn. The machine is shared, so every
+figure is a median of interleaved repeats; ratios of medians are what the targets are checked on.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+from kn_dist.layers.kernel_norm import KNConv2d, _kn_conv2d_autograd
+
+BATCH = 32
+DROPOUT_P = 0.05
+THREADS = 2
+
+# (name, in/out channels, H = W, kernel, stride, padding, groups, targets apply)
+SHAPES = [
+    ("conv3x3_c64_32x32", 64, 32, 3, 1, 1, 1, True),
+    ("conv3x3_c128_16x16", 128, 16, 3, 1, 1, 1, True),
+    ("conv3x3_c256_8x8", 256, 8, 3, 1, 1, 1, True),
+    ("dwconv7x7_c128_16x16", 128, 16, 7, 1, 3, 128, False),
+]
+
+# metric name -> (numerator impl, denominator impl, quantity, comparison, target)
+TARGETS = {
+    "speedup_vs_official": ("official", "kn", "ms", ">=", 6.0),
+    "memory_reduction_vs_official": ("official", "kn", "peak_mb", ">=", 4.0),
+    "time_vs_conv_bn": ("kn", "conv_bn", "ms", "<=", 1.25),
+    "memory_vs_conv_bn": ("kn", "conv_bn", "peak_mb", "<=", 1.5),
+}
+
+
+class OfficialStyleKNConv2d(nn.Conv2d):
+    """Reference KNConv2d computed the way the official code does: conv + unfold statistics."""
+
+    def __init__(self, channels: int, kernel: int, stride: int, padding: int, groups: int, dropout_p: float):
+        super().__init__(channels, channels, kernel, stride, 0, groups=groups, bias=True)
+        self.pad, self.dropout_p, self.eps = padding, dropout_p, 1e-5
+
+    def forward(self, x: Tensor) -> Tensor:
+        xp = F.pad(x, (self.pad,) * 4)
+        out = F.conv2d(xp, self.weight, None, self.stride, 0, 1, self.groups)  # (N, O, H', W')
+        d = F.dropout(xp, self.dropout_p, self.training)
+        kh, kw = self.kernel_size
+        units = d.unfold(2, kh, self.stride[0]).unfold(3, kw, self.stride[1])  # (N, C, H', W', kh, kw)
+        var, mean = torch.var_mean(units, dim=(1, 4, 5), correction=0)  # (N, H', W')
+        sum_w = self.weight.sum(dim=(1, 2, 3))[None, :, None, None]
+        out = (out - mean[:, None] * sum_w) / torch.sqrt(var[:, None] + self.eps)
+        return out + self.bias[None, :, None, None]
+
+
+def _build(impl: str, channels: int, kernel: int, stride: int, padding: int, groups: int) -> nn.Module:
+    if impl == "kn":
+        return KNConv2d(channels, channels, kernel, stride, padding, groups=groups, dropout_p=DROPOUT_P)
+    if impl == "official":
+        return OfficialStyleKNConv2d(channels, kernel, stride, padding, groups, DROPOUT_P)
+    if impl == "conv_bn":
+        conv = nn.Conv2d(channels, channels, kernel, stride, padding, groups=groups, bias=False)
+        return nn.Sequential(conv, nn.BatchNorm2d(channels))
+    if impl == "pooled":
+        conv = KNConv2d(channels, channels, kernel, stride, padding, groups=groups, dropout_p=DROPOUT_P)
+
+        def pooled(x: Tensor) -> Tensor:
+            keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - DROPOUT_P)
+            return _kn_conv2d_autograd(
+                x, conv.weight, conv.bias, conv.stride, conv.padding, groups, conv.eps, keep, 1 / (1 - DROPOUT_P)
+            )
+
+        wrapper = nn.Module()
+        wrapper.conv = conv
+        wrapper.forward = pooled
+        return wrapper
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _step(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        module(x).backward(grad)
+
+    return run
+
+
+def _time_ms(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _peak_mb(fn: Callable[[], None]) -> float:
+    """Peak of live torch-allocated bytes during fn (see module docstring), in MiB."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _measure(shape: tuple, impls: list[str], repeats: int) -> dict:
+    name, channels, size, kernel, stride, padding, groups, _ = shape
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, channels, size, size, requires_grad=True)
+    steps = {}
+    for impl in impls:
+        module = _build(impl, channels, kernel, stride, padding, groups).train()
+        with torch.no_grad():
+            grad = torch.randn_like(module(x))
+        steps[impl] = _step(module, x, grad)
+        steps[impl]()  # warm-up (oneDNN primitive creation, allocator)
+    times = {impl: [] for impl in impls}
+    for _ in range(repeats):
+        for impl in impls:
+            times[impl].append(_time_ms(steps[impl]))
+    figures = {impl: {"ms": statistics.median(times[impl]), "peak_mb": _peak_mb(steps[impl])} for impl in impls}
+    return figures
+
+
+def run(quick: bool = False) -> dict:
+    """Benchmark every shape; returns {"cases": [...]} with raw figures and the issue's ratios."""
+    torch.set_num_threads(THREADS)
+    repeats = 5 if quick else 21
+    impls = ["kn", "official", "conv_bn"] + ([] if quick else ["pooled"])
+    shapes = SHAPES[:1] if quick else SHAPES
+    cases = []
+    for shape in shapes:
+        name, channels, size, kernel, stride, padding, groups, has_target = shape
+        figures = _measure(shape, impls, repeats)
+        raw = {f"{impl}_{q}": round(figures[impl][q], 3) for impl in impls for q in ("ms", "peak_mb")}
+        for metric, (num, den, quantity, op, target) in TARGETS.items():
+            ratio = figures[num][quantity] / figures[den][quantity]
+            met = (ratio >= target if op == ">=" else ratio <= target) if has_target else None
+            cases.append(
+                {
+                    "name": f"{name}/{metric}",
+                    "shape": {"batch": BATCH, "channels": channels, "size": size, "kernel": kernel}
+                    | {"stride": stride, "padding": padding, "groups": groups},
+                    **raw,
+                    "ratio": round(ratio, 3),
+                    "target": f"{op} {target}" if has_target else None,
+                    "met": met,
+                }
+            )
+    return {
+        "cases": cases,
+        "settings": {"threads": THREADS, "repeats": repeats, "dropout_p": DROPOUT_P, "dtype": "float32"},
+    }
