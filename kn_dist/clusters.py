@@ -52,6 +52,24 @@ def public_exposures(node: Any, where: str = "") -> list[str]:
     return found
 
 
+def placeholders(node: Any, where: str = "") -> list[str]:
+    """Values the user still has to fill in ('REPLACE-ME'), as 'key.path: value'; empty when ready.
+
+    The shipped files validate with them (Ray's schema only checks types); `ray up` would fail at the
+    cloud API instead, after minutes, so a pre-flight check lists them first.
+    """
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += placeholders(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += placeholders(value, f"{where}[{i}]")
+    elif isinstance(node, str) and "REPLACE-ME" in node:
+        found.append(f"{where}: {node.strip()[:120]!r}")
+    return found
+
+
 def _images(node: Any) -> list[tuple[str, str]]:
     """(key path, image) for every `image`, `head_image` and `worker_image` value under `node`."""
     out: list[tuple[str, str]] = []

@@ -427,6 +427,47 @@ def max_concurrent_trials(sweep: Sweep, resources: dict[str, float]) -> int:
     return max(1, min(fits))
 
 
+def _parent_run(sweep: Sweep, *, resume: bool) -> str:
+    """The sweep's MLflow parent run, created here on the driver (Ray's MLflowLoggerCallback would make
+    flat runs, DESIGN.md §7); trials nest under it. `resume` reuses the sweep's existing parent."""
+    from kn_dist import tracking
+
+    client, experiment = tracking.client(sweep.base.tracking.uri), sweep.base.tracking.experiment
+    run_key = f"sweep:{sweep.name}"
+    run_id = tracking.find_run(client, experiment, run_key) if resume else None
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = tracking.run_tags(sweep.base, norm="-", run_key=run_key, kind="sweep", sweep=sweep.name)
+    for key in ("kn_dist.model", "kn_dist.norm"):  # a sweep spans models and norms; its trials carry them
+        tags.pop(key)
+    run_id = tracking.create_run(client, experiment, sweep.base, tags)
+    tune = sweep.tune.model_dump(mode="json")
+    for key, value in tune.items():  # `tune.*` params beside the base config's; report.py reads target_top1
+        client.log_param(run_id, f"tune.{key}", str(value)[:6000])  # MLflow's limit on a param value
+    return run_id
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"  # Tune's default spells out the whole config
+
+
+def _close_runs(sweep: Sweep, parent_run_id: str, *, ok: bool, finished: bool) -> None:
+    """End the parent run, and mark trials that ASHA stopped (their workers were killed mid-run, so they
+    could not end their own MLflow runs) as KILLED rather than leaving them RUNNING forever."""
+    from kn_dist import tracking
+
+    client = tracking.client(sweep.base.tracking.uri)
+    experiment = client.get_experiment_by_name(sweep.base.tracking.experiment)
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
+    if finished:  # an interrupted sweep leaves its unfinished trials RUNNING: --resume continues them
+        for run in children:
+            tracking.finish(client, run.info.run_id, status="KILLED")
+    tracking.finish(client, parent_run_id, ok=ok)
+
+
 def _prepare(sweep: Sweep) -> None:
     """Resolve the base config once on the driver, as `kn-dist train` does (kn_dist.trainer.prepare_config):
     dataset written/checked, paths and tracking URI absolute (workers run elsewhere), num_classes set."""
@@ -494,7 +535,7 @@ def run_sweep(
             f"sweep {sweep.name!r} already exists at {experiment_dir}; pass --resume to continue it, "
             "or give it another name (name=...)"
         )
-    parent_run_id = tracking.start_sweep_run(sweep.base, sweep.tune.model_dump(mode="json"), resume=resume)
+    parent_run_id = _parent_run(sweep, resume=resume)
     print(
         f"[kn-dist] {'resuming' if resume else 'starting'} sweep {sweep.name!r}: {len(_plan(sweep))} trials over "
         f"{len(sweep.cells)} cells; MLflow parent run {parent_run_id} in experiment "
@@ -506,10 +547,12 @@ def run_sweep(
     trainable = tune.with_parameters(
         _run_trial, sweep=sweep, parent_run_id=parent_run_id, storage=_join(storage, f"{sweep.name}-trials")
     )
-    # The driver function only waits on its TorchTrainer (whose controller takes no CPU either);
-    # the workers hold the CPUs/GPUs, and max_concurrent_trials keeps trials from oversubscribing.
-    trainable = tune.with_resources(trainable, {"cpu": 0})
-    ok = False
+    # The driver function only waits on its TorchTrainer (whose controller takes no CPU either); the
+    # workers hold the CPUs/GPUs and max_concurrent_trials keeps trials from oversubscribing. Tune's
+    # default of 1 CPU per trial would leave 2-worker trials unschedulable on a 2-CPU machine, and an
+    # all-zero request is refused, so the driver asks for one byte of memory instead.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    ok = finished = False
     try:
         if resume:
             tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
@@ -523,13 +566,14 @@ def run_sweep(
                     scheduler=_scheduler(sweep),
                     num_samples=len(_plan(sweep)),
                     max_concurrent_trials=max_concurrent_trials(sweep, ray.cluster_resources()),
+                    trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=storage, verbose=1),
             )
         results = tuner.fit()
-        ok = not results.errors
+        ok, finished = not results.errors, True
         return results
     finally:
-        tracking.end_run(uri, parent_run_id, ok=ok)
+        _close_runs(sweep, parent_run_id, ok=ok, finished=finished)
         if started:
             ray.shutdown()

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from kn_dist.clusters import public_exposures, validate_cluster_yaml
+from kn_dist.clusters import placeholders, public_exposures, validate_cluster_yaml
 from kn_dist.errors import UserError
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
@@ -220,3 +220,12 @@ def test_kuberay_bad_api_version(tmp_path):
     raw["apiVersion"] = "ray.io/v1alpha1"
     with pytest.raises(UserError, match="apiVersion"):
         validate_cluster_yaml(_write(tmp_path, raw))
+
+
+def test_placeholders_are_listed_until_filled():
+    raw = yaml.safe_load((CLUSTERS / "aws.yaml").read_text())
+    todo = placeholders(raw)
+    assert any("ImageId" in t for t in todo) and any("SecurityGroupIds" in t for t in todo)
+    assert any("KN_DIST_STORAGE" in t for t in todo)
+    filled = yaml.safe_load(yaml.safe_dump(raw).replace("REPLACE-ME", "x1"))
+    assert placeholders(filled) == []

@@ -1,16 +1,17 @@
 """The `kn-dist models` table: every registered model x norm with its parameters and forward FLOPs.
 
-Models are built on the meta device (no memory, no init), so even ConvMixer-1536/20 costs only the
-Python construction; FLOPs come from `torch.utils.flop_counter.FlopCounterMode` on one forward pass
-of a (1, 3, S, S) input at the model's registered size S, in eval mode. Like the usual "GFLOPs" of
-papers it counts matmuls and convolutions (2 FLOPs per multiply-add), not norms or activations.
+Models are built on the meta device (no memory, no init), so even ConvMixer-1536/20 costs only its
+Python construction; KNConv2d layers run as their convolution there (see `shape_probe`). FLOPs come
+from `torch.utils.flop_counter.FlopCounterMode` on one forward pass of a (1, 3, S, S) input at the
+model's registered size S, in eval mode. Like the usual "GFLOPs" of papers it counts matmuls and
+convolutions (2 FLOPs per multiply-add), not norms, poolings or activations.
 """
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kn_dist.models._registry import create_model, list_models, model_info
+from kn_dist.models._registry import create_model, list_models, model_info, shape_probe
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -40,7 +41,7 @@ def model_rows(family: str | None = None) -> list[dict]:
             with torch.device("meta"):
                 model = create_model(name, norm=norm)
             try:
-                flops: int | None = forward_flops(model, info.input_size)
+                flops: int | None = forward_flops(shape_probe(model), info.input_size)
             except (RuntimeError, ValueError, NotImplementedError):  # an op without a meta kernel
                 flops = None
             rows.append(

@@ -1,0 +1,136 @@
+"""Fault tolerance (issue 8): SIGKILL one Ray Train worker process mid-run during a real 2-worker DDP
+training. Ray Train restarts the worker group (checkpoint.max_failures = 1), the run continues from its
+last checkpoint and finishes every epoch, and MLflow holds a single run with one value per epoch.
+
+Evidence comes from outside kn_dist: the worker pid and the restart from Ray's GCS actor table, the
+epochs of the checkpoints from the storage directory Ray Train writes, the metrics from MlflowClient."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+EPOCHS = 4
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _config(tmp):
+    from kn_dist import config
+
+    return config.from_dict(
+        {
+            "name": "ft",
+            "seed": 0,
+            "epochs": EPOCHS,
+            "data": {"dataset": "digits", "root": str(tmp / "data16"), "image_size": 16, "batch_size": 16},
+            "model": {
+                "name": "convmixer_256_8",
+                "norm": "kn",
+                "kwargs": {"input_size": 16, "patch_size": 4, "kernel_size": 3},
+            },
+            "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
+            "schedule": {"name": "cosine"},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+            # Keep every checkpoint so the test can list the epochs that were checkpointed.
+            "checkpoint": {"storage_path": str(tmp / "runs"), "every_epochs": 1, "keep": 2 * EPOCHS, "max_failures": 1},
+            "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "fault_tolerance"},
+        }
+    )
+
+
+def _alive_train_workers() -> dict[str, dict]:
+    return {
+        a: info
+        for a, info in ray._private.state.actors().items()
+        if info["ActorClassName"] == "RayTrainWorker" and info["State"] == "ALIVE"
+    }
+
+
+def _logged_epochs(uri: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("fault_tolerance")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id])
+    return sorted(m.step for r in runs for m in client.get_metric_history(r.info.run_id, "val_top1"))
+
+
+def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kn_dist.trainer import run_training
+    from kn_dist.worker import CHECKPOINT_FILE
+
+    cfg = _config(tmp_path)
+    run_dir = tmp_path / "runs" / "ft"
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = run_training(cfg)
+        except BaseException as err:  # surfaced by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+
+    # Wait for the first checkpoint, then kill one worker while the next epoch runs.
+    deadline = time.monotonic() + 600
+    while not list(run_dir.glob("checkpoint_*")):
+        assert thread.is_alive(), f"training ended before its first checkpoint: {outcome}"
+        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+        time.sleep(0.2)
+    workers = _alive_train_workers()
+    assert len(workers) == 2
+    victim_id, victim = sorted(workers.items())[-1]
+    os.kill(victim["Pid"], signal.SIGKILL)
+    logged_at_kill = _logged_epochs(cfg.tracking.uri)
+    assert len(logged_at_kill) < EPOCHS, "the kill came after the last epoch; nothing was tested"
+
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "training did not finish within 15 minutes of the kill"
+    assert "error" not in outcome, f"run failed instead of recovering: {outcome.get('error')!r}"
+    assert outcome["result"].metrics["epoch"] == EPOCHS
+
+    # Ray restarted the worker group: the victim is dead and new workers were started.
+    table = {a: i for a, i in ray._private.state.actors().items() if i["ActorClassName"] == "RayTrainWorker"}
+    assert table[victim_id]["State"] == "DEAD"
+    assert len(table) >= 4, f"expected a second worker group after the failure, saw {len(table)} workers"
+
+    # Continued from the last checkpoint: each epoch was checkpointed exactly once (a restart from
+    # scratch would checkpoint the early epochs a second time).
+    epochs = sorted(
+        torch.load(p / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["epoch"]
+        for p in run_dir.glob("checkpoint_*")
+    )
+    assert epochs == list(range(1, EPOCHS + 1)), epochs
+
+    # MLflow: a single run, one value per epoch for every per-epoch metric, finished.
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name("fault_tolerance")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(1, EPOCHS + 1)), f"{key}: {steps}"
+    assert run.info.status == "FINISHED"
+    assert client.get_metric_history(run.info.run_id, "val_top1")[-1].value > 0.5
