@@ -160,6 +160,12 @@ def validate_kuberay_manifest(path: Path, raw: dict[str, Any]) -> None:
     spec = raw.get("spec")
     if not isinstance(spec, dict) or not isinstance(spec.get("headGroupSpec"), dict):
         raise UserError(f"cluster file {str(path)!r}: a RayCluster needs spec.headGroupSpec")
+    service = spec["headGroupSpec"].get("serviceType", "ClusterIP")
+    if service in ("LoadBalancer", "NodePort"):
+        raise UserError(
+            f"cluster file {str(path)!r}: headGroupSpec.serviceType {service!r} publishes the Ray head outside "
+            "Kubernetes; use ClusterIP and `kubectl port-forward`"
+        )
     for i, group in enumerate(spec.get("workerGroupSpecs") or []):
         if not {"groupName", "template"} <= set(group):
             raise UserError(f"cluster file {str(path)!r}: spec.workerGroupSpecs[{i}] needs groupName and template")

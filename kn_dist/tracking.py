@@ -42,7 +42,7 @@ EPOCH_METRICS = (
     "images_per_s",
     "peak_mem_mb",
 )
-_PACKAGES = ("torch", "torchvision", "ray", "mlflow", "ffcv", "numpy", "pydantic", "kn_dist")
+_PACKAGES = ("torchvision", "ray", "mlflow", "ffcv", "numpy", "pydantic", "kn_dist")
 
 
 def default_uri() -> str:
@@ -110,7 +110,7 @@ def git_revision() -> str:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide the numbers, plus Python and CUDA."""
-    versions = {"python": platform.python_version(), "cuda": str(torch.version.cuda)}
+    versions = {"python": platform.python_version(), "cuda": str(torch.version.cuda), "torch": torch.__version__}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)

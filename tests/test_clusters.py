@@ -229,3 +229,10 @@ def test_placeholders_are_listed_until_filled():
     assert any("KN_DIST_STORAGE" in t for t in todo)
     filled = yaml.safe_load(yaml.safe_dump(raw).replace("REPLACE-ME", "x1"))
     assert placeholders(filled) == []
+
+
+def test_kuberay_head_published_outside_kubernetes(tmp_path):
+    raw = yaml.safe_load((CLUSTERS / "kuberay-raycluster.yaml").read_text())
+    raw["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    with pytest.raises(UserError, match="serviceType 'LoadBalancer'"):
+        validate_cluster_yaml(_write(tmp_path, raw))

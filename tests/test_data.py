@@ -150,13 +150,21 @@ def test_jpeg_round_trip_within_psnr(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_imagefolder_pipeline_crops_to_image_size(folder, tmp_path):
+def test_imagefolder_pipeline_crops_to_image_size_with_cutout(folder, tmp_path):
     root, _, _ = folder
-    cfg = DataConfig(dataset="imagefolder", source_dir=str(root), root=str(tmp_path), image_size=24, batch_size=8)
+    cfg = DataConfig(
+        dataset="imagefolder", source_dir=str(root), root=str(tmp_path), image_size=24, batch_size=8, cutout=6
+    )
     assert check_dataset(cfg)["num_classes"] == 3  # from the labels: imagefolder has no fixed class count
     train, val = loaders(cfg, 0, 1, CPU)
     (xt, yt), (xv, _) = next(iter(train)), next(iter(val))
     assert xt.shape == (8, 3, 24, 24) and xv.shape == (8, 3, 24, 24) and yt.max() < 3
+    # every training image has one 6x6 square of the mean colour (normalised: round(255 m) / 255 - m) / s)
+    spec = DATASETS["imagefolder"]
+    fill = torch.tensor([(round(255 * m) - 255 * m) / (255 * s) for m, s in zip(spec.mean, spec.std, strict=True)])
+    is_fill = (xt - fill.view(1, 3, 1, 1)).abs().amax(dim=1) < 1e-5  # (B, H, W)
+    windows = is_fill.float().unfold(1, 6, 1).unfold(2, 6, 1).amin(dim=(-1, -2))  # (B, 19, 19)
+    assert bool((windows.amax(dim=(1, 2)) == 1).all())
 
 
 # ------------------------------------------------------------------ sharding across ranks

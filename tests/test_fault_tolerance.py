@@ -54,6 +54,13 @@ def _config(tmp):
     )
 
 
+def _checkpoints(run_dir) -> list:
+    """The checkpoint files Ray Train persisted for the run (one directory per reported checkpoint)."""
+    from kn_dist.worker import CHECKPOINT_FILE
+
+    return sorted(run_dir.glob(f"*/{CHECKPOINT_FILE}")) if run_dir.is_dir() else []
+
+
 def _alive_train_workers() -> dict[str, dict]:
     return {
         a: info
@@ -77,7 +84,6 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from kn_dist.trainer import run_training
-    from kn_dist.worker import CHECKPOINT_FILE
 
     cfg = _config(tmp_path)
     run_dir = tmp_path / "runs" / "ft"
@@ -94,7 +100,7 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
 
     # Wait for the first checkpoint, then kill one worker while the next epoch runs.
     deadline = time.monotonic() + 600
-    while not list(run_dir.glob("checkpoint_*")):
+    while not _checkpoints(run_dir):
         assert thread.is_alive(), f"training ended before its first checkpoint: {outcome}"
         assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
         time.sleep(0.2)
@@ -117,10 +123,7 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
 
     # Continued from the last checkpoint: each epoch was checkpointed exactly once (a restart from
     # scratch would checkpoint the early epochs a second time).
-    epochs = sorted(
-        torch.load(p / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["epoch"]
-        for p in run_dir.glob("checkpoint_*")
-    )
+    epochs = sorted(torch.load(p, map_location="cpu", weights_only=False)["epoch"] for p in _checkpoints(run_dir))
     assert epochs == list(range(1, EPOCHS + 1)), epochs
 
     # MLflow: a single run, one value per epoch for every per-epoch metric, finished.

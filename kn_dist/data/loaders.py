@@ -308,6 +308,8 @@ def loaders(
             f"the training set has {n_train} samples, fewer than batch_size {data_cfg.batch_size} per each of "
             f"{world_size} workers; lower data.batch_size"
         )
+    if data_cfg.cutout > data_cfg.image_size:
+        raise UserError(f"data.cutout {data_cfg.cutout} is larger than data.image_size {data_cfg.image_size}")
     if n_val < world_size:
         raise UserError(f"the validation set has {n_val} samples, fewer than the {world_size} workers")
     workers = data_cfg.num_workers or default_num_workers()

@@ -8,6 +8,8 @@ unit is normalised with them. No affine parameters, no running buffers: batch-in
 avg-pools of per-pixel channel statistics, so no unfold and no k²-sized tensor is built.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -182,109 +184,112 @@ def _pool_backward(g: Tensor, size, kernel, stride, padding) -> Tensor:
     return gp[..., ph : ph + size[0], pw : pw + size[1]]
 
 
+@functools.lru_cache(maxsize=64)
+def _pad_fraction(size, kernel, stride, padding, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, 1, H', W'): the fraction of each window that lies in the zero padding."""
+    return 1.0 - _pool(torch.ones((1, 1, *size), device=device, dtype=dtype), kernel, stride, padding)
+
+
 def _fast_stats(x: Tensor, kernel, stride, padding, drop: Tensor | None, scale: float):
-    """No-grad pooled statistics for the custom function; returns (mean, var, shift) of D(x~), fp32.
+    """No-grad pooled statistics for the custom function.
 
     With e = x * keep and a per-sample constant c (the sample mean; any constant is exact, one near
-    the mean keeps the one-pass variance accurate), the per-pixel channel sums of (e - c) and
+    the mean keeps the one-pass variance accurate), the per-pixel channel means of (e - c) and
     (e - c)^2 come from one batched matmul; window moments are their average pools, where padded
-    pixels hold (0 - c): they are added back through the padded fraction of each window.
-    D(x) = scale * e, so mean and variance scale by scale and scale^2.
+    pixels hold (0 - c): that is added back through the padded fraction of each window.
+    Returns (mean_s, var_e, shift): window mean of e - c, window variance of e (fp32, (N, 1, H', W'))
+    and c (N, 1, 1, 1). D(x) = scale * e, so its mean is scale * (mean_s + c), its var scale^2 * var_e.
     """
     n, c, h, w = x.shape
     xs = x.to(_stats_dtype(x))
     shift = xs.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
     buf = torch.empty((n, 2, c, h * w), dtype=xs.dtype, device=x.device)
     e = buf[:, 0]  # (N, C, HW)
-    e.copy_(xs.view(n, c, -1))
-    if drop is not None:
-        e.masked_fill_(drop.view(n, c, -1), 0.0)
-    e.sub_(shift.view(n, 1, 1))
+    if drop is None:
+        torch.sub(xs.view(n, c, -1), shift.view(n, 1, 1), out=e)
+    else:
+        e.copy_(xs.view(n, c, -1)).masked_fill_(drop.view(n, c, -1), 0.0).sub_(shift.view(n, 1, 1))
     torch.mul(e, e, out=buf[:, 1])
-    ones = torch.full((1, c), 1.0 / c, dtype=xs.dtype, device=x.device)
-    pix = torch.matmul(ones, buf.view(2 * n, c, -1)).view(n, 2, h, w)  # per-pixel mean, 2nd moment of e - c
+    avg = torch.full((1, c), 1.0 / c, dtype=xs.dtype, device=x.device)
+    pix = torch.matmul(avg, buf.view(2 * n, c, -1)).view(n, 2, h, w)  # per-pixel mean, 2nd moment of e - c
     del buf, e
     win = _pool(pix, kernel, stride, padding)  # (N, 2, H', W')
-    mean_s, second_s = win[:, :1], win[:, 1:]
     if padding != (0, 0):
-        pad_frac = 1.0 - _pool(xs.new_ones((1, 1, h, w)), kernel, stride, padding)  # (1, 1, H', W')
-        mean_s = mean_s - shift * pad_frac
-        second_s = second_s + shift.square() * pad_frac
-    var = (second_s - mean_s.square()).clamp_min_(0.0)
-    return (mean_s + shift).mul_(scale), var.mul_(scale * scale), shift
+        pad_frac = _pad_fraction((h, w), kernel, stride, padding, x.device, xs.dtype)
+        win.addcmul_(torch.cat([-shift, shift.square()], dim=1), pad_frac)
+    mean_s = win[:, :1]
+    var_e = torch.addcmul(win[:, 1:], mean_s, mean_s, value=-1.0).clamp_min_(0.0)
+    return mean_s, var_e, shift
 
 
 class _KNConv2dFunction(torch.autograd.Function):
     """y = (conv(x~, W, s) - mu * sum(W)) * rstd + b with a hand-written backward.
 
-    Saved: x, W, the bool drop mask, the conv output z and 1-channel maps (mean, rstd). We keep z
-    rather than the output y so that in-place ops on y (ReLU(inplace=True)) stay legal, and free it
-    inside backward before the conv backward (a second backward, retain_graph=True, recomputes it). Autograd
-    through the pooled form would also keep the dropped-out copy and several output-sized
+    Saved: x, W, the bool drop mask, the conv output z and a few 1-channel maps. We keep z rather
+    than the output y so that in-place ops on y (ReLU(inplace=True)) stay legal, and free it inside
+    backward before the conv backward (a second backward, retain_graph=True, recomputes it).
+    Autograd through the pooled form would also keep the dropped-out copy and several output-sized
     temporaries. Forward normalises with one mul and one batched K<=2 matmul; backward reads the
-    output grad four times and never builds a k²-sized tensor.
+    output grad four times and never builds a k²-sized tensor. Few, fused 1-channel ops: on a
+    loaded CPU every parallel op pays a scheduling delay, whatever its size.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, groups, eps, drop, scale):
         kernel = tuple(weight.shape[-2:])
-        mean, var, shift = _fast_stats(x, kernel, stride, padding, drop, scale)
-        rstd = var.add_(eps).rsqrt_()  # (N, 1, H', W')
+        mean_s, var_e, shift = _fast_stats(x, kernel, stride, padding, drop, scale)
+        rstd = var_e.mul_(scale * scale).add_(eps).rsqrt_()  # (N, 1, H', W') of D(x~)
         z = F.conv2d(x, weight, None, stride, padding, 1, groups)  # (N, O, H', W')
         n, o = z.shape[:2]
-        sdt = mean.dtype
+        sdt = rstd.dtype
         sum_w = weight.sum(dim=(1, 2, 3), dtype=sdt)  # (O,)
         # y = z * rstd + [-sum_w, b] @ [mean * rstd, 1]
         lhs = torch.stack([-sum_w] + ([] if bias is None else [bias.to(sdt)]), dim=1).expand(n, o, -1)  # (N, O, K)
-        rhs = (mean * rstd).view(n, 1, -1)
-        if bias is not None:
-            rhs = torch.cat([rhs, torch.ones_like(rhs)], dim=1)  # (N, K, L)
+        rhs = torch.ones((n, lhs.shape[-1], rstd[0].numel()), dtype=sdt, device=x.device)  # (N, K, L)
+        torch.mul((mean_s + shift).view(n, 1, -1), (rstd * scale).view(n, 1, -1), out=rhs[:, :1])
         y = torch.mul(z, rstd) if z.dtype == sdt else z.to(sdt).mul_(rstd)
         y.view(n, o, -1).baddbmm_(lhs, rhs)
         ctx.conf = (stride, padding, groups, scale)
-        ctx.save_for_backward(x, weight, drop, mean, rstd, shift, sum_w, bias)
-        ctx.z = z  # an intermediate, kept on ctx so backward can free it before the conv backward
+        ctx.save_for_backward(x, weight, drop, mean_s, rstd, shift, sum_w, rhs)
+        ctx.z = z  # an intermediate: kept on ctx so that backward can free it early
         return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, weight, drop, mean, rstd, shift, sum_w, bias = ctx.saved_tensors
+        x, weight, drop, mean_s, rstd, shift, sum_w, rhs = ctx.saved_tensors
         stride, padding, groups, scale = ctx.conf
         z, ctx.z = ctx.z, None
         if z is None:  # a second backward through the same graph (retain_graph=True): recompute
             z = F.conv2d(x, weight, None, stride, padding, 1, groups)
         n, o, h_out, w_out = gy.shape
-        c, sdt = x.shape[1], mean.dtype
+        c, sdt = x.shape[1], rstd.dtype
         gy3 = gy.contiguous().view(n, o, -1).to(sdt)  # (N, O, L)
         # Over output channels: sum_o gy * sum_w and sum_o gy * z.
         gy_sw = torch.matmul(sum_w.view(1, o), gy3).view(n, 1, h_out, w_out)
         gy_z = torch.linalg.vecdot(gy3, z.view(n, o, -1).to(sdt), dim=1).view(n, 1, h_out, w_out)
-        del z  # peak memory of backward is at the conv backward below
-        # y = (z - mean * sum_w) * rstd + b, rstd = (var + eps)^(-1/2)
-        g_var = (gy_z - mean * gy_sw) * rstd.pow(3) * -0.5
-        g_mean = -rstd * gy_sw
-        # Back to the moments of e - c (see _fast_stats): mean_s = mean / scale - c, var_e = var / scale^2.
-        g_var_e = g_var * (scale * scale)
-        g_mean_s = g_mean * scale - 2.0 * (mean / scale - shift) * g_var_e
-        g_pix = _pool_backward(
-            torch.cat([g_mean_s, g_var_e], dim=1), x.shape[2:], tuple(weight.shape[-2:]), stride, padding
-        )
-        g_m, g_s = g_pix[:, :1], g_pix[:, 1:]  # (N, 1, H, W): grads of per-pixel mean and 2nd moment of e - c
-        # d/de of mean_pix = 1/C, of second_pix = 2 (e - c) / C; e = keep * x.
-        a = (g_m - 2.0 * shift * g_s) / c
-        b = g_s * (2.0 / c)
-        # Over (N, L): bias grad and the grad of sum_w (it reaches every weight of its filter).
-        red = torch.matmul(gy3, torch.cat([torch.ones_like(mean), mean * rstd], dim=1).view(n, 2, -1).mT)
-        red = red.sum(0)  # (O, 2)
+        del z  # the peak of backward is at the conv backward below
+        # y = (z - mu * sum_w) * rstd + b with mu = scale * (mean_s + c), rstd = (scale^2 var_e + eps)^-1/2
+        # and var_e = second_s - mean_s^2; per-pixel moments are channel means of (e - c), (e - c)^2.
+        # g: (N, 2, H', W') = [grad of window mean of (e - c), grad of window 2nd moment], times 1/C, 2/C
+        g = torch.empty((n, 2, h_out, w_out), dtype=sdt, device=gy.device)
+        mu = rhs[:, :1].view(n, 1, h_out, w_out) / rstd  # scale * (mean_s + c)
+        g_var = torch.addcmul(gy_z, mu, gy_sw, value=-1.0).mul_(rstd.pow(3) * (-0.5 * scale * scale))
+        torch.mul(g_var, 2.0 / c, out=g[:, 1:])
+        torch.mul(gy_sw, rstd * (-scale / c), out=g[:, :1]).addcmul_(mean_s, g_var, value=-2.0 / c)
+        g_pix = _pool_backward(g, x.shape[2:], tuple(weight.shape[-2:]), stride, padding)  # (N, 2, H, W)
+        # per element: grad_x = keep * (g_mean_pix + g_second_pix * (x - c))
+        a = torch.addcmul(g_pix[:, :1], shift, g_pix[:, 1:], value=-1.0)
+        # Over (N, L): the grads of sum_w (it reaches every weight of its filter) and of the bias.
+        red = torch.matmul(gy3, rhs.mT).sum(0)  # (O, K)
         gz = (gy3 * rstd.view(n, 1, -1)).view(gy.shape).to(x.dtype)
         gx, gw, _ = torch.ops.aten.convolution_backward(
             gz, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, (True, True, False)
         )
         del gz
-        gw.sub_(red[:, 1].to(gw.dtype).view(o, 1, 1, 1))
-        gb = red[:, 0].to(bias.dtype) if bias is not None else None
-        g_stats = torch.addcmul(a, b, x.to(sdt))
+        gw.sub_(red[:, 0].to(gw.dtype).view(o, 1, 1, 1))
+        gb = red[:, 1].to(weight.dtype) if red.shape[1] == 2 else None
+        g_stats = torch.addcmul(a, g_pix[:, 1:], x.to(sdt))
         if drop is not None:
             g_stats.masked_fill_(drop, 0.0)
         gx.add_(g_stats)

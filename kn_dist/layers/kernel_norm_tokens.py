@@ -43,6 +43,59 @@ def _dropped(x: Tensor, p: float, active: bool, keep_mask: Tensor | None) -> Ten
     return x * keep_mask * (1.0 / (1.0 - p))
 
 
+def _unit_mean(t: Tensor, geometry: tuple[int, int, int, int]) -> Tensor:
+    """Per-token values t (N, L, 1) -> the mean over each token's unit, broadcast back to (N, L, 1).
+
+    Prefix tokens are their own unit; grid tokens share the value of their k×k window.
+    """
+    p, h, w, k = geometry
+    if k == 1:
+        return t
+    n = t.shape[0]
+    win = t[:, p:].reshape(n, h // k, k, w // k, k).mean(dim=(2, 4), keepdim=True)  # (N, h/k, 1, w/k, 1)
+    grid = win.expand(n, h // k, k, w // k, k).reshape(n, h * w, 1)
+    return torch.cat([t[:, :p], grid], dim=1)
+
+
+class _TokenKernelNorm(torch.autograd.Function):
+    """y = (x - mu) * r per unit, with mu and r = (var + eps)^-1/2 of the dropped-out copy d = x * m.
+
+    A hand-written backward (two reductions and one fused pass) instead of autograd through
+    var_mean: with n elements per unit, A = sum(g) / n and B = sum(g * y) / n,
+        dx = r * (g - m * (A + r * (d - mu) * B)),
+    which for m = 1 is the familiar LayerNorm gradient r * (g - A - y * B).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor | None, geometry: tuple[int, int, int, int], eps: float) -> Tensor:
+        xf = x.to(_stats_dtype(x))  # statistics in fp32, also under autocast
+        d = xf if scale is None else xf * scale
+        # Per-token statistics first (two-pass, stable); units then combine them by the law of total
+        # variance, var = mean(var_t) + mean((mu_t - mu)^2), which avoids the one-pass E[x²] − μ².
+        var_t, mu_t = torch.var_mean(d, dim=-1, correction=0, keepdim=True)  # (N, L, 1)
+        mu = _unit_mean(mu_t, geometry)
+        var = _unit_mean(var_t + (mu_t - mu).square(), geometry)
+        r = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, scale, mu, r)
+        ctx.geometry = geometry
+        return torch.addcmul(-mu * r, xf, r).to(x.dtype)  # (x - mu) * r in one pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        x, scale, mu, r = ctx.saved_tensors
+        xf = x.to(r.dtype)
+        g = grad.to(r.dtype)
+        d = g.shape[-1]
+        y = torch.addcmul(-mu * r, xf, r)
+        a = _unit_mean(g.sum(dim=-1, keepdim=True) / d, ctx.geometry)  # (N, L, 1)
+        b = _unit_mean(torch.linalg.vecdot(g, y).unsqueeze(-1) / d, ctx.geometry)
+        if scale is None:
+            dx = r * (g - a - y * b)
+        else:
+            dx = r * (g - scale * (a + (torch.addcmul(-mu * r, xf * scale, r)) * b))
+        return dx.to(x.dtype), None, None, None
+
+
 class KernelNormTokens(nn.Module):
     """KernelNorm over k×k windows of grid tokens × all D channels; prefix tokens per token.
 
@@ -111,25 +164,12 @@ class KernelNormTokens(nn.Module):
 
     def forward(self, x: Tensor, keep_mask: Tensor | None = None) -> Tensor:
         """x: (N, L, D) -> (N, L, D). `keep_mask` (bool, shape of x, True = kept) replaces the random draw."""
-        n, length, d = x.shape
-        p, k = self.num_prefix_tokens, self.kernel_size
-        h, w = self._grid(length - p)
-        xf = x.to(_stats_dtype(x))
-        stats_src = _dropped(xf, self.dropout_p, self.training or self.eval_dropout, keep_mask)
-        # Per-token statistics first (two-pass, stable); windows then combine them with the
-        # parallel-variance rule var = mean(var_t) + mean((mu_t - mu)^2), which avoids E[x²] − μ².
-        var_t, mu_t = torch.var_mean(stats_src, dim=-1, unbiased=False, keepdim=True)  # (N, L, 1)
-        if k > 1:
-            mu_g = mu_t[:, p:].view(n, h // k, k, w // k, k)
-            var_g = var_t[:, p:].view(n, h // k, k, w // k, k)
-            mu_w = mu_g.mean(dim=(2, 4), keepdim=True)  # (N, h/k, 1, w/k, 1)
-            var_w = var_g.mean(dim=(2, 4), keepdim=True) + (mu_g - mu_w).square().mean(dim=(2, 4), keepdim=True)
-            mu_grid = mu_w.expand(n, h // k, k, w // k, k).reshape(n, h * w, 1)
-            var_grid = var_w.expand(n, h // k, k, w // k, k).reshape(n, h * w, 1)
-            mu_t = torch.cat([mu_t[:, :p], mu_grid], dim=1)
-            var_t = torch.cat([var_t[:, :p], var_grid], dim=1)
-        out = (xf - mu_t) * torch.rsqrt(var_t.clamp_min(0) + self.eps)
-        return out.to(x.dtype)
+        p = self.num_prefix_tokens
+        h, w = self._grid(x.shape[1] - p)
+        if keep_mask is None and self.dropout_p > 0 and (self.training or self.eval_dropout):
+            keep_mask = dropout_keep_mask(x, self.dropout_p)
+        scale = None if keep_mask is None else keep_mask * (1.0 / (1.0 - self.dropout_p))  # inverted dropout
+        return _TokenKernelNorm.apply(x, scale, (p, h, w, self.kernel_size), self.eps)
 
     def extra_repr(self) -> str:
         return (
@@ -178,12 +218,17 @@ class KernelNormEmbedGrid(nn.Module):
         (a, b), k = self.grid, self.kernel_size
         xf = x.to(_stats_dtype(x))
         stats_src = _dropped(xf, self.dropout_p, self.training or self.eval_dropout, keep_mask)
-        # (N, L, a/k, k, b/k, k): one unit = dims (1, 3, 5)
-        var, mu = torch.var_mean(
-            stats_src.view(n, length, a // k, k, b // k, k), dim=(1, 3, 5), unbiased=False, keepdim=True
-        )
-        out = (xf.view(n, length, a // k, k, b // k, k) - mu) * torch.rsqrt(var + self.eps)
-        return out.view(n, length, d).to(x.dtype)
+        # per-channel statistics over the L tokens, then combined over each k×k cell window of the
+        # (a, b) embedding grid by the law of total variance (a strided 6-D var_mean is much slower)
+        var_c, mu_c = torch.var_mean(stats_src, dim=1, correction=0, keepdim=True)  # (N, 1, D)
+        mu_g = mu_c.view(n, a // k, k, b // k, k)
+        mu_w = mu_g.mean(dim=(2, 4), keepdim=True)  # (N, a/k, 1, b/k, 1)
+        var_w = (var_c.view(n, a // k, k, b // k, k) + (mu_g - mu_w).square()).mean(dim=(2, 4), keepdim=True)
+        shape = (n, a // k, k, b // k, k)
+        mu = mu_w.expand(shape).reshape(n, 1, d)
+        r = torch.rsqrt(var_w + self.eps).expand(shape).reshape(n, 1, d)
+        out = (xf - mu) * r
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, kernel_size={self.kernel_size}, dropout_p={self.dropout_p}, eps={self.eps}"

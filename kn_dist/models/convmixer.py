@@ -101,7 +101,7 @@ def _convmixer(
 _NORMS = ("bn", "ln", "kn")
 
 
-@register_model(family="convmixer", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=32)
+@register_model(family="convmixer", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=14)
 def convmixer_1536_20(
     norm: str,
     num_classes: int,
@@ -116,7 +116,7 @@ def convmixer_1536_20(
     )
 
 
-@register_model(family="convmixer", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=32)
+@register_model(family="convmixer", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=14)
 def convmixer_768_32(
     norm: str,
     num_classes: int,

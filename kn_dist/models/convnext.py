@@ -169,7 +169,7 @@ def _convnext(
     return build()
 
 
-@register_model(family="convnext", norms=_NORMS, default_norm="ln", input_size=224, test_input_size=64)
+@register_model(family="convnext", norms=_NORMS, default_norm="ln", input_size=224, test_input_size=32)
 def convnext_tiny(
     norm: str,
     num_classes: int,

@@ -175,7 +175,7 @@ def _densenet(
     return build()
 
 
-@register_model(family="densenet", norms=("bn", "kn"), default_norm="bn", input_size=224, test_input_size=64)
+@register_model(family="densenet", norms=("bn", "kn"), default_norm="bn", input_size=224, test_input_size=32)
 def densenet121(
     norm: str,
     num_classes: int,

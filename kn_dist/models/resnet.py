@@ -279,7 +279,7 @@ def _resnet(
 _NORMS = ("bn", "gn", "ln", "kn")
 
 
-# ImageNet-size: tests run them at 96 px (the smallest input KNResNet-18/34's geometry takes) or 64.
+# ImageNet-size: tests run them at 96 px (the smallest input KNResNet-18/34's geometry takes) or 32.
 @register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=96)
 def resnet18(
     norm: str,
@@ -310,7 +310,7 @@ def resnet34(
     )
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=64)
+@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=32)
 def resnet50(
     norm: str,
     num_classes: int,
@@ -397,7 +397,7 @@ def knresnet34(
     return resnet34(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
 
 
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=224, test_input_size=64)
+@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=224, test_input_size=32)
 def knresnet50(
     norm: str,
     num_classes: int,

@@ -106,16 +106,21 @@ def test_eval_deterministic_by_default_and_eval_dropout_option():
     assert not torch.equal(official(x), official(x))
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("k,prefix,dropout", [(2, 1, True), (2, 0, False), (1, 2, True), (1, 1, False)])
+def test_gradcheck_float64(k, prefix, dropout):
     torch.manual_seed(5)
-    x = torch.randn(2, 1 + 4, 3, dtype=torch.float64, requires_grad=True)
-    keep = torch.rand(x.shape) > 0.3
-    layer = KernelNormTokens(2, dropout_p=0.3).train()
+    x = torch.randn(2, prefix + 4, 3, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(x.shape) > 0.3 if dropout else None
+    layer = KernelNormTokens(k, dropout_p=0.3 if dropout else 0.0, num_prefix_tokens=prefix).train()
     assert torch.autograd.gradcheck(lambda t: layer(t, keep_mask=keep), (x,))
+
+
+def test_gradcheck_embed_grid_float64():
+    torch.manual_seed(5)
     z = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    keep_z = torch.rand(z.shape) > 0.3
+    keep = torch.rand(z.shape) > 0.3
     emb = KernelNormEmbedGrid(8, 2, dropout_p=0.3).train()
-    assert torch.autograd.gradcheck(lambda t: emb(t, keep_mask=keep_z), (z,))
+    assert torch.autograd.gradcheck(lambda t: emb(t, keep_mask=keep), (z,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
