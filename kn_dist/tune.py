@@ -110,7 +110,6 @@ class SchedulerSpec(_Strict):
     name: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs its full budget
     grace_period: int = Field(1, ge=1)  # epochs before a trial may be stopped
     reduction_factor: float = Field(3.0, gt=1)  # keep the top 1/reduction_factor at each rung
-    max_t: int | None = Field(None, ge=1)  # default: the config's epochs
 
 
 class TuneSpec(_Strict):
@@ -207,7 +206,7 @@ def _cells(spec: TuneSpec) -> list[Cell]:
         for norm in norms:
             if norm not in info.norms:
                 raise UserError(f"{where}: norm {norm!r} is not supported; valid norms are {', '.join(info.norms)}")
-        _check_keys(f"{where}.space", {k: v for k, v in arch.space.items()}, kn_only=False)
+        _check_keys(f"{where}.space", arch.space, kn_only=False)
         _check_keys(f"{where}.kn_space", arch.kn_space, kn_only=True)
         if any(s.form == "grid" for s in arch.space.values()):
             raise UserError(f"{where}.space: grids belong in tune.space (shared by every architecture)")
@@ -237,7 +236,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         spec = TuneSpec.model_validate(config.apply_overrides(tune_raw, tune_over)["tune"])
     except ValidationError as err:
         raise UserError(_describe(err, f"sweep file {str(path)!r}")) from None
-    max_t = spec.scheduler.max_t or base.epochs
+    max_t = base.epochs  # a trial's full budget; ASHA's rungs are below it
     if spec.scheduler.grace_period > max_t:
         grace = spec.scheduler.grace_period
         raise UserError(f"tune.scheduler.grace_period={grace} exceeds the budget of {max_t} epochs")
@@ -404,6 +403,49 @@ def _run_trial(trial: dict[str, Any], *, sweep: Sweep, parent_run_id: str, stora
     trainer.fit()
 
 
+def reap_orphaned_placement_groups() -> int:
+    """Remove worker placement groups whose creating actor has died; returns how many.
+
+    When ASHA stops a trial, Tune kills the trial's actor and with it the TorchTrainer's controller
+    while its workers' placement group is still reserved. Ray scopes such a group to the job, not
+    to the dead controller, and Ray Train's own PlacementGroupCleaner asks the state API, which
+    needs the dashboard (ray[default], not installed here) — so the CPUs stayed reserved and the
+    next trial waited forever. Groups made by the driver itself (Tune's trial groups: no creator
+    actor) and detached ones are left alone. Uses Ray's GCS table directly (ray 2.60).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed, table = 0, gcs_pb2.PlacementGroupTableData
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = table.FromString(raw)
+        by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
+        if by_actor and pg.creator_actor_dead and not pg.is_detached and pg.state != table.REMOVED:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
+def _reaper_callback() -> Any:
+    """A Tune callback (on the driver) that reaps orphaned worker placement groups every few seconds."""
+    import time
+
+    from ray import tune
+
+    class ReapOrphanedPlacementGroups(tune.Callback):
+        def __init__(self) -> None:
+            self.last = 0.0
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            if time.monotonic() - self.last > 2.0:
+                self.last = time.monotonic()
+                reap_orphaned_placement_groups()
+
+    return ReapOrphanedPlacementGroups()
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts]) if "://" in root else str(Path(root).resolve().joinpath(*parts))
 
@@ -487,14 +529,23 @@ def _prepare(sweep: Sweep) -> None:
 
 
 def _scheduler(sweep: Sweep) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
     sched = sweep.tune.scheduler
     if sched.name == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+
+    class ASHA(ASHAScheduler):
+        """ASHA that lets a trial finish its last epoch by itself: ASHA stops every trial at max_t,
+        and being killed there would cost the worker its final MLflow artifacts (config, weights)."""
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            decision = super().on_trial_result(tune_controller, trial, result)
+            return TrialScheduler.CONTINUE if result.get("epoch", 0) >= self._max_t else decision
+
+    return ASHA(
         time_attr="epoch",  # reported by the worker: still right after a trial resumes mid-way
-        max_t=sched.max_t or sweep.base.epochs,
+        max_t=sweep.base.epochs,
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
     )
@@ -568,7 +619,9 @@ def run_sweep(
                     max_concurrent_trials=max_concurrent_trials(sweep, ray.cluster_resources()),
                     trial_dirname_creator=_trial_dirname,
                 ),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=storage, verbose=1),
+                run_config=tune.RunConfig(
+                    name=sweep.name, storage_path=storage, verbose=1, callbacks=[_reaper_callback()]
+                ),
             )
         results = tuner.fit()
         ok, finished = not results.errors, True

@@ -7,6 +7,7 @@ epochs of the checkpoints from the storage directory Ray Train writes, the metri
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,7 +19,7 @@ import torch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-EPOCHS = 4
+EPOCHS = 3
 
 
 @pytest.fixture
@@ -38,7 +39,15 @@ def _config(tmp):
             "name": "ft",
             "seed": 0,
             "epochs": EPOCHS,
-            "data": {"dataset": "digits", "root": str(tmp / "data16"), "image_size": 16, "batch_size": 16},
+            # Digits at 16 px (no flips: a mirrored digit is another symbol).
+            "data": {
+                "dataset": "digits",
+                "root": str(tmp / "data16"),
+                "image_size": 16,
+                "batch_size": 32,
+                "crop_padding": 1,
+                "hflip": False,
+            },
             "model": {
                 "name": "convmixer_256_8",
                 "norm": "kn",
@@ -52,6 +61,15 @@ def _config(tmp):
             "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "fault_tolerance"},
         }
     )
+
+
+def _committed(run_dir) -> list[dict]:
+    """Checkpoints Ray Train has registered for the run (its snapshot file; what a restart resumes from)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or being written
+        return []
 
 
 def _checkpoints(run_dir) -> list:
@@ -84,6 +102,7 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from kn_dist.trainer import run_training
+    from kn_dist.worker import CHECKPOINT_FILE
 
     cfg = _config(tmp_path)
     run_dir = tmp_path / "runs" / "ft"
@@ -98,18 +117,22 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
 
-    # Wait for the first checkpoint, then kill one worker while the next epoch runs.
+    # Wait until Ray Train has registered the first checkpoint, then kill one worker while the next
+    # epoch runs (a checkpoint directory alone is not enough: it is registered after the report barrier).
     deadline = time.monotonic() + 600
-    while not _checkpoints(run_dir):
+    while not _committed(run_dir):
         assert thread.is_alive(), f"training ended before its first checkpoint: {outcome}"
         assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
         time.sleep(0.2)
+    committed_at_kill = _committed(run_dir)
+    time.sleep(1.0)  # into the next epoch's training steps, not at its boundary
     workers = _alive_train_workers()
     assert len(workers) == 2
     victim_id, victim = sorted(workers.items())[-1]
+    killed_at = time.time()
     os.kill(victim["Pid"], signal.SIGKILL)
     logged_at_kill = _logged_epochs(cfg.tracking.uri)
-    assert len(logged_at_kill) < EPOCHS, "the kill came after the last epoch; nothing was tested"
+    assert len(committed_at_kill) < EPOCHS and len(logged_at_kill) < EPOCHS, "the kill came too late to test anything"
 
     thread.join(timeout=900)
     assert not thread.is_alive(), "training did not finish within 15 minutes of the kill"
@@ -121,8 +144,15 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
     assert table[victim_id]["State"] == "DEAD"
     assert len(table) >= 4, f"expected a second worker group after the failure, saw {len(table)} workers"
 
-    # Continued from the last checkpoint: each epoch was checkpointed exactly once (a restart from
-    # scratch would checkpoint the early epochs a second time).
+    # Continued from the last registered checkpoint: every epoch is checkpointed exactly once, and the
+    # checkpoints registered before the kill were kept as they were (a restart from scratch would have
+    # recomputed and rewritten them).
+    final = _committed(run_dir)
+    assert [r["metrics"]["epoch"] for r in final] == list(range(1, EPOCHS + 1)), final
+    for before in committed_at_kill:
+        assert before in final, f"checkpoint {before['checkpoint_dir_name']} was recomputed after the failure"
+        state = run_dir / before["checkpoint_dir_name"] / CHECKPOINT_FILE
+        assert state.stat().st_mtime < killed_at, f"{state} was rewritten after the failure"
     epochs = sorted(torch.load(p, map_location="cpu", weights_only=False)["epoch"] for p in _checkpoints(run_dir))
     assert epochs == list(range(1, EPOCHS + 1)), epochs
 
@@ -136,4 +166,8 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == list(range(1, EPOCHS + 1)), f"{key}: {steps}"
     assert run.info.status == "FINISHED"
+    # Epochs logged before the failure are the ones of the checkpoints it resumed from.
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
+    for before in committed_at_kill:
+        assert logged[before["metrics"]["epoch"]] == pytest.approx(before["metrics"]["val_top1"])
     assert client.get_metric_history(run.info.run_id, "val_top1")[-1].value > 0.5

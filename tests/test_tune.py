@@ -16,7 +16,15 @@ import yaml
 
 from kn_dist import config
 from kn_dist.errors import UserError
-from kn_dist.tune import _make_searcher, _plan, is_kn, load_sweep, max_concurrent_trials, validate_sweep
+from kn_dist.tune import (
+    _make_searcher,
+    _plan,
+    is_kn,
+    load_sweep,
+    max_concurrent_trials,
+    reap_orphaned_placement_groups,
+    validate_sweep,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "sweeps" / "digits_demo.yaml"
@@ -67,6 +75,7 @@ def test_bad_sweep_files_are_user_errors_naming_the_key(tmp_path, tune, message)
         load_sweep(_write(tmp_path, tune))
 
 
+@pytest.mark.slow  # builds the ViT a few times
 def test_impossible_kernel_is_refused_before_any_trial(tmp_path):
     # At 16 px with patch 4 the token grid is 4x4: windows of 1, 2, 4 tile it, 3 does not.
     space = {"model.kwargs.kn_kernel_size": {"choice": [2, 3]}}
@@ -112,6 +121,38 @@ def test_concurrency_follows_cluster_and_trial_resources(tmp_path):
     assert max_concurrent_trials(sweep, {"CPU": 9.0}) == 4
     gpu = load_sweep(_write(tmp_path, {"architectures": [VIT]}, scaling={"num_workers": 2, "use_gpu": True}))
     assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_placement_group_of_a_killed_actor_is_released():
+    """What happens to a TorchTrainer controller when ASHA stops its trial: its actor dies holding a
+    placement group. Without the reaper the CPUs stay reserved (Ray scopes the group to the job)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self) -> None:
+            self.pg = placement_group([{"CPU": 0.75}, {"CPU": 0.75}])
+            ray.get(self.pg.ready(), timeout=60)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        driver_pg = placement_group([{"CPU": 0.5}])  # made by the driver (as Tune's trial groups): kept
+        ray.get(driver_pg.ready(), timeout=60)
+        creator = Creator.remote()
+        ray.get(creator.make.remote(), timeout=60)
+        ray.kill(creator)
+        time.sleep(2)
+        assert ray.available_resources().get("CPU", 0) == 0  # the dead actor's group still holds its 1.5 CPUs
+        assert reap_orphaned_placement_groups() == 1
+        deadline = time.time() + 30
+        while ray.available_resources().get("CPU", 0) < 1.5 and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) == 1.5  # 2 CPUs minus the driver's group
+    finally:
+        ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -155,8 +155,8 @@ def run(quick: bool = False) -> dict:
     """Both cases; `quick` uses fewer images and one repeat (a smoke check, not a measurement)."""
     repeats = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="kn_dist_bench_data_") as tmp:
-        cifar = _case_cifar(Path(tmp), 10_000 if quick else 50_000, repeats, batch=512)
-        jpeg = _case_jpeg(Path(tmp), 256 if quick else 1_536, repeats, batch=64)
+        cifar = _case_cifar(Path(tmp), 5_000 if quick else 20_000, repeats, batch=512)
+        jpeg = _case_jpeg(Path(tmp), 256 if quick else 1_024, repeats, batch=64)
     cifar["target"], jpeg["target"] = 8.0, 3.0
     common = {"num_workers": NUM_WORKERS, "device": "cpu", "torch_threads": torch.get_num_threads()}
     return {"cases": [{**cifar, **common}, {**jpeg, **common}]}

@@ -83,23 +83,27 @@ def _augment_normalize_op(
                     mirrored = flip and np.random.random() < 0.5
                     cy = np.random.randint(0, h - cutout + 1) if cutout > 0 else -h
                     cx = np.random.randint(0, w - cutout + 1) if cutout > 0 else -w
-                    for y in range(h):
-                        sy = y + dy
-                        for x in range(w):
-                            sx = (w - 1 - x if mirrored else x) + dx
-                            inside = 0 <= sy < h and 0 <= sx < w
-                            cut = cy <= y < cy + cutout and cx <= x < cx + cutout
-                            for k in range(c):
-                                if cut:
-                                    v = fill[k]
-                                elif inside:
-                                    v = np.float32(images[i, sy, sx, k])
+                    # channel-outer loops: NCHW output rows are written contiguously
+                    for k in range(c):
+                        g = scale[k]
+                        outside = -shift[k] * g  # zero fill, normalised
+                        cut_value = (fill[k] - shift[k]) * g
+                        for y in range(h):
+                            sy = y + dy
+                            row_in = 0 <= sy < h
+                            row_cut = cy <= y < cy + cutout
+                            for x in range(w):
+                                sx = (w - 1 - x if mirrored else x) + dx
+                                if row_cut and cx <= x < cx + cutout:
+                                    v = cut_value
+                                elif row_in and 0 <= sx < w:
+                                    v = (np.float32(images[i, sy, sx, k]) - shift[k]) * g
                                 else:
-                                    v = np.float32(0.0)
+                                    v = outside
                                 if nhwc:
-                                    dst[i, y, x, k] = (v - shift[k]) * scale[k]
+                                    dst[i, y, x, k] = v
                                 else:
-                                    dst[i, k, y, x] = (v - shift[k]) * scale[k]
+                                    dst[i, k, y, x] = v
                 return dst[:n]
 
             augment_normalize.is_parallel = True

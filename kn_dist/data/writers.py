@@ -266,8 +266,10 @@ def write_dataset(
     spec(name)
     out = Path(out_dir).resolve()
     train, val = out / "train.beton", out / "val.beton"
-    if image_size is not None and image_size < 1:
-        raise UserError(f"image size must be positive, got {image_size}")
+    if image_size is not None and (image_size < 1 or name not in ("digits", "synthetic")):
+        raise UserError(f"image size {image_size}: only digits and synthetic take one, and it must be positive")
+    if num_samples is not None and name != "synthetic":
+        raise UserError(f"--num-samples applies to the synthetic dataset only, not {name!r}")
     if train.exists() and val.exists():
         for path in (train, val):
             open_beton(path)

@@ -103,12 +103,12 @@ def kernel_norm_stats(
     var_pix, mean_pix = torch.var_mean(d, dim=1, keepdim=True, correction=0)  # (N, 1, H, W) each
     shift = mean_pix.mean(dim=(2, 3), keepdim=True).detach()  # (N, 1, 1, 1); any constant is exact
     lr_tb = (pad[1], pad[1], pad[0], pad[0])
-    mean_pad = F.pad(mean_pix, lr_tb) - shift  # padded pixels: mean 0, shifted to -shift
-    var_pad = F.pad(var_pix, lr_tb)
-    mean_s = F.avg_pool2d(mean_pad, kernel, stride_)
-    second_s = F.avg_pool2d(var_pad + mean_pad.square(), kernel, stride_)
-    var = (second_s - mean_s.square()).clamp_min(0.0)
-    return mean_s + shift, var
+    mean_pad = F.pad(mean_pix, lr_tb)  # padded pixels: mean 0, variance 0
+    shifted = mean_pad - shift
+    mean = F.avg_pool2d(mean_pad, kernel, stride_)  # unshifted: an all-zero window has mean exactly 0
+    second_s = F.avg_pool2d(F.pad(var_pix, lr_tb) + shifted.square(), kernel, stride_)
+    var = (second_s - (mean - shift).square()).clamp_min(0.0)
+    return mean, var
 
 
 class KernelNorm2d(nn.Module):
@@ -193,33 +193,34 @@ def _pad_fraction(size, kernel, stride, padding, device: torch.device, dtype: to
 def _fast_stats(x: Tensor, kernel, stride, padding, drop: Tensor | None, scale: float):
     """No-grad pooled statistics for the custom function.
 
-    With e = x * keep and a per-sample constant c (the sample mean; any constant is exact, one near
-    the mean keeps the one-pass variance accurate), the per-pixel channel means of (e - c) and
-    (e - c)^2 come from one batched matmul; window moments are their average pools, where padded
-    pixels hold (0 - c): that is added back through the padded fraction of each window.
-    Returns (mean_s, var_e, shift): window mean of e - c, window variance of e (fp32, (N, 1, H', W'))
-    and c (N, 1, 1, 1). D(x) = scale * e, so its mean is scale * (mean_s + c), its var scale^2 * var_e.
+    With e = x * keep, batched matmuls give each pixel's channel mean m and its exact (two-pass)
+    channel variance v. By the law of total variance a window's variance is avg(v) plus the
+    variance of the m's, taken one-pass around a per-sample constant c (the sample mean) as
+    avg((m - c)^2) - (avg(m) - c)^2: for 1x1 windows that difference is exactly 0, and c keeps it
+    accurate under a large common offset. Padded pixels have m = v = 0, so they add (0 - c)^2 = c^2
+    through the padded fraction of each window; all-zero windows (dead ReLUs) get mean exactly 0.
+    Returns (mean_e, var_e, c): fp32 (N, 1, H', W') maps and c (N, 1, 1, 1). D(x) = scale * e, so
+    its mean is scale * mean_e and its variance scale^2 * var_e.
     """
     n, c, h, w = x.shape
     xs = x.to(_stats_dtype(x))
     shift = xs.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-    buf = torch.empty((n, 2, c, h * w), dtype=xs.dtype, device=x.device)
-    e = buf[:, 0]  # (N, C, HW)
-    if drop is None:
-        torch.sub(xs.view(n, c, -1), shift.view(n, 1, 1), out=e)
-    else:
-        e.copy_(xs.view(n, c, -1)).masked_fill_(drop.view(n, c, -1), 0.0).sub_(shift.view(n, 1, 1))
-    torch.mul(e, e, out=buf[:, 1])
+    e = xs.view(n, c, -1).clone()  # (N, C, HW)
+    if drop is not None:
+        e.masked_fill_(drop.view(n, c, -1), 0.0)
     avg = torch.full((1, c), 1.0 / c, dtype=xs.dtype, device=x.device)
-    pix = torch.matmul(avg, buf.view(2 * n, c, -1)).view(n, 2, h, w)  # per-pixel mean, 2nd moment of e - c
-    del buf, e
-    win = _pool(pix, kernel, stride, padding)  # (N, 2, H', W')
+    m = torch.matmul(avg, e)  # (N, 1, HW)
+    v = torch.matmul(avg, e.sub_(m).square_())  # (N, 1, HW)
+    del e
+    pix = torch.cat([m, v, (m - shift.view(n, 1, 1)).square_()], dim=1).view(n, 3, h, w)
+    win = _pool(pix, kernel, stride, padding)  # (N, 3, H', W'): avg m, avg v, avg (m - c)^2
     if padding != (0, 0):
         pad_frac = _pad_fraction((h, w), kernel, stride, padding, x.device, xs.dtype)
-        win.addcmul_(torch.cat([-shift, shift.square()], dim=1), pad_frac)
-    mean_s = win[:, :1]
-    var_e = torch.addcmul(win[:, 1:], mean_s, mean_s, value=-1.0).clamp_min_(0.0)
-    return mean_s, var_e, shift
+        win[:, 2:].addcmul_(shift.square(), pad_frac)
+    mean_e = win[:, :1]
+    mean_s = mean_e - shift
+    var_e = torch.addcmul(win[:, 2:], mean_s, mean_s, value=-1.0).add_(win[:, 1:2]).clamp_min_(0.0)
+    return mean_e, var_e, shift
 
 
 class _KNConv2dFunction(torch.autograd.Function):
@@ -237,7 +238,7 @@ class _KNConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, groups, eps, drop, scale):
         kernel = tuple(weight.shape[-2:])
-        mean_s, var_e, shift = _fast_stats(x, kernel, stride, padding, drop, scale)
+        mean_e, var_e, shift = _fast_stats(x, kernel, stride, padding, drop, scale)
         rstd = var_e.mul_(scale * scale).add_(eps).rsqrt_()  # (N, 1, H', W') of D(x~)
         z = F.conv2d(x, weight, None, stride, padding, 1, groups)  # (N, O, H', W')
         n, o = z.shape[:2]
@@ -246,18 +247,18 @@ class _KNConv2dFunction(torch.autograd.Function):
         # y = z * rstd + [-sum_w, b] @ [mean * rstd, 1]
         lhs = torch.stack([-sum_w] + ([] if bias is None else [bias.to(sdt)]), dim=1).expand(n, o, -1)  # (N, O, K)
         rhs = torch.ones((n, lhs.shape[-1], rstd[0].numel()), dtype=sdt, device=x.device)  # (N, K, L)
-        torch.mul((mean_s + shift).view(n, 1, -1), (rstd * scale).view(n, 1, -1), out=rhs[:, :1])
+        torch.mul(mean_e.view(n, 1, -1), (rstd * scale).view(n, 1, -1), out=rhs[:, :1])
         y = torch.mul(z, rstd) if z.dtype == sdt else z.to(sdt).mul_(rstd)
         y.view(n, o, -1).baddbmm_(lhs, rhs)
         ctx.conf = (stride, padding, groups, scale)
-        ctx.save_for_backward(x, weight, drop, mean_s, rstd, shift, sum_w, rhs)
+        ctx.save_for_backward(x, weight, drop, mean_e, rstd, shift, sum_w, rhs)
         ctx.z = z  # an intermediate: kept on ctx so that backward can free it early
         return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, weight, drop, mean_s, rstd, shift, sum_w, rhs = ctx.saved_tensors
+        x, weight, drop, mean_e, rstd, shift, sum_w, rhs = ctx.saved_tensors
         stride, padding, groups, scale = ctx.conf
         z, ctx.z = ctx.z, None
         if z is None:  # a second backward through the same graph (retain_graph=True): recompute
@@ -269,14 +270,15 @@ class _KNConv2dFunction(torch.autograd.Function):
         gy_sw = torch.matmul(sum_w.view(1, o), gy3).view(n, 1, h_out, w_out)
         gy_z = torch.linalg.vecdot(gy3, z.view(n, o, -1).to(sdt), dim=1).view(n, 1, h_out, w_out)
         del z  # the peak of backward is at the conv backward below
-        # y = (z - mu * sum_w) * rstd + b with mu = scale * (mean_s + c), rstd = (scale^2 var_e + eps)^-1/2
-        # and var_e = second_s - mean_s^2; per-pixel moments are channel means of (e - c), (e - c)^2.
+        # y = (z - mu * sum_w) * rstd + b with mu = scale * mean_e, rstd = (scale^2 var_e + eps)^-1/2,
+        # var_e = avg(v) + avg((m - c)^2) - (mean_e - c)^2, whose gradient is that of the channel means
+        # of e and (e - c)^2 (the per-pixel centring only changes the rounding).
         # g: (N, 2, H', W') = [grad of window mean of (e - c), grad of window 2nd moment], times 1/C, 2/C
         g = torch.empty((n, 2, h_out, w_out), dtype=sdt, device=gy.device)
-        mu = rhs[:, :1].view(n, 1, h_out, w_out) / rstd  # scale * (mean_s + c)
+        mu = mean_e * scale
         g_var = torch.addcmul(gy_z, mu, gy_sw, value=-1.0).mul_(rstd.pow(3) * (-0.5 * scale * scale))
         torch.mul(g_var, 2.0 / c, out=g[:, 1:])
-        torch.mul(gy_sw, rstd * (-scale / c), out=g[:, :1]).addcmul_(mean_s, g_var, value=-2.0 / c)
+        torch.mul(gy_sw, rstd * (-scale / c), out=g[:, :1]).addcmul_(mean_e - shift, g_var, value=-2.0 / c)
         g_pix = _pool_backward(g, x.shape[2:], tuple(weight.shape[-2:]), stride, padding)  # (N, 2, H, W)
         # per element: grad_x = keep * (g_mean_pix + g_second_pix * (x - c))
         a = torch.addcmul(g_pix[:, :1], shift, g_pix[:, 1:], value=-1.0)
@@ -325,7 +327,7 @@ def kn_conv2d(
         drop = ~keep_mask
     elif training and dropout_p > 0:
         drop = _drop_mask(x, dropout_p)
-    scale = 1.0 / (1.0 - dropout_p)
+    scale = 1.0 if drop is None else 1.0 / (1.0 - dropout_p)  # inverted dropout
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).

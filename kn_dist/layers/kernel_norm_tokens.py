@@ -43,6 +43,16 @@ def _dropped(x: Tensor, p: float, active: bool, keep_mask: Tensor | None) -> Ten
     return x * keep_mask * (1.0 / (1.0 - p))
 
 
+def _var_mean_last(d: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean over the last dim, two-pass (stable), keepdim.
+
+    Same result as torch.var_mean, which on CPU is ~20× slower than a mean plus a dot product here.
+    """
+    mu = d.mean(dim=-1, keepdim=True)
+    c = d - mu
+    return torch.linalg.vecdot(c, c).unsqueeze(-1) / d.shape[-1], mu
+
+
 def _unit_mean(t: Tensor, geometry: tuple[int, int, int, int]) -> Tensor:
     """Per-token values t (N, L, 1) -> the mean over each token's unit, broadcast back to (N, L, 1).
 
@@ -72,7 +82,7 @@ class _TokenKernelNorm(torch.autograd.Function):
         d = xf if scale is None else xf * scale
         # Per-token statistics first (two-pass, stable); units then combine them by the law of total
         # variance, var = mean(var_t) + mean((mu_t - mu)^2), which avoids the one-pass E[x²] − μ².
-        var_t, mu_t = torch.var_mean(d, dim=-1, correction=0, keepdim=True)  # (N, L, 1)
+        var_t, mu_t = _var_mean_last(d)  # (N, L, 1) each
         mu = _unit_mean(mu_t, geometry)
         var = _unit_mean(var_t + (mu_t - mu).square(), geometry)
         r = torch.rsqrt(var + eps)
@@ -220,7 +230,8 @@ class KernelNormEmbedGrid(nn.Module):
         stats_src = _dropped(xf, self.dropout_p, self.training or self.eval_dropout, keep_mask)
         # per-channel statistics over the L tokens, then combined over each k×k cell window of the
         # (a, b) embedding grid by the law of total variance (a strided 6-D var_mean is much slower)
-        var_c, mu_c = torch.var_mean(stats_src, dim=1, correction=0, keepdim=True)  # (N, 1, D)
+        mu_c = stats_src.mean(dim=1, keepdim=True)  # (N, 1, D); two-pass variance, as in _var_mean_last
+        var_c = (stats_src - mu_c).square().mean(dim=1, keepdim=True)
         mu_g = mu_c.view(n, a // k, k, b // k, k)
         mu_w = mu_g.mean(dim=(2, 4), keepdim=True)  # (N, a/k, 1, b/k, 1)
         var_w = (var_c.view(n, a // k, k, b // k, k) + (mu_g - mu_w).square()).mean(dim=(2, 4), keepdim=True)
