@@ -183,9 +183,9 @@ def run_training(
     run. `stop_after_epoch` ends the run early but resumably (the schedule still spans
     cfg.epochs), e.g. to split a run across allocations.
     """
+    tracking.check_reachable(tracking.resolve_uri(cfg.tracking.uri))  # first: before any data or model work
     cfg = prepare_config(cfg)
     uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
-    tracking.check_reachable(uri)
     storage, name = cfg.checkpoint.storage_path, cfg.name
     exists = has_checkpoint(storage, name)
     if exists and not resume:

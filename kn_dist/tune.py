@@ -625,6 +625,11 @@ def run_sweep(
             )
         results = tuner.fit()
         ok, finished = not results.errors, True
+        print(
+            f"[kn-dist] sweep {sweep.name!r} done: {len(results)} trials, {len(results.errors)} failed. Best per "
+            f"(model, norm): kn-dist best --experiment {sweep.base.tracking.experiment} --tracking-uri {uri}",
+            flush=True,
+        )
         return results
     finally:
         _close_runs(sweep, parent_run_id, ok=ok, finished=finished)

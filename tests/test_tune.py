@@ -204,7 +204,7 @@ def sweep_run(tmp_path_factory):
         _cli("tune", "sweep.yaml", "--tracking-uri", uri), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: the kill takes the local Ray it started with it
     )  # fmt: skip
-    client, deadline = MlflowClient(uri), time.time() + 400
+    client, deadline = MlflowClient(uri), time.time() + 1500  # generous: a loaded machine
     snapshot = None
     try:  # kill once one trial has finished and a later one has logged an epoch (it is mid-run)
         while snapshot is None and driver.poll() is None and time.time() < deadline:
@@ -231,7 +231,7 @@ def sweep_run(tmp_path_factory):
     )
     time.sleep(2)
     resume = _cli("tune", "sweep.yaml", "--tracking-uri", uri, "--resume")
-    resumed = subprocess.run(resume, cwd=work, env=env, capture_output=True, text=True, timeout=420)
+    resumed = subprocess.run(resume, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     exp = client.get_experiment_by_name("digits_t")
     return work, uri, client, exp.experiment_id, snapshot

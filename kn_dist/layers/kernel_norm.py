@@ -90,7 +90,8 @@ def kernel_norm_stats(
     variance the window variance is avg_pool(per-pixel variance) + the variance of the per-pixel
     means. The second term is a one-pass variance of a 1-channel map; shifting it by each sample's
     mean keeps it accurate when activations have a large common offset. Padded pixels count with
-    mean 0 and variance 0, as in the official unfold code.
+    mean 0 and variance 0, as in the official unfold code. KernelNorm2d and the token variant use
+    this; KNConv2d uses a no-grad twin (`_fast_stats`) inside its custom autograd function.
     """
     kernel, stride_, pad = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
     _check_geometry(kernel, stride_, pad, dropout_p)
@@ -104,10 +105,11 @@ def kernel_norm_stats(
     shift = mean_pix.mean(dim=(2, 3), keepdim=True).detach()  # (N, 1, 1, 1); any constant is exact
     lr_tb = (pad[1], pad[1], pad[0], pad[0])
     mean_pad = F.pad(mean_pix, lr_tb)  # padded pixels: mean 0, variance 0
-    shifted = mean_pad - shift
-    mean = F.avg_pool2d(mean_pad, kernel, stride_)  # unshifted: an all-zero window has mean exactly 0
-    second_s = F.avg_pool2d(F.pad(var_pix, lr_tb) + shifted.square(), kernel, stride_)
-    var = (second_s - (mean - shift).square()).clamp_min(0.0)
+    pix = torch.cat([mean_pad, F.pad(var_pix, lr_tb), (mean_pad - shift).square()], dim=1)  # (N, 3, Hp, Wp)
+    win = F.avg_pool2d(pix, kernel, stride_)
+    mean = win[:, :1]  # unshifted: an all-zero window has mean exactly 0
+    # avg(v) + [avg((m - c)^2) - (avg(m) - c)^2]; the bracket is exactly 0 for 1x1 windows
+    var = (win[:, 2:] - (mean - shift).square() + win[:, 1:2]).clamp_min(0.0)
     return mean, var
 
 

@@ -131,7 +131,7 @@ def convmixer_768_32(
     )
 
 
-@register_model(family="convmixer", norms=_NORMS, default_norm="bn", input_size=32)
+@register_model(family="convmixer", norms=_NORMS, default_norm="bn", input_size=32, test_input_size=16)
 def convmixer_256_8(
     norm: str,
     num_classes: int,

@@ -185,7 +185,7 @@ def convnext_tiny(
     )
 
 
-@register_model(family="convnext", norms=_NORMS, default_norm="ln", input_size=32)
+@register_model(family="convnext", norms=_NORMS, default_norm="ln", input_size=32, test_input_size=16)
 def convnext_cifar(
     norm: str,
     num_classes: int,

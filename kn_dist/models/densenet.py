@@ -191,7 +191,7 @@ def densenet121(
     )
 
 
-@register_model(family="densenet", norms=("bn", "kn"), default_norm="bn", input_size=32)
+@register_model(family="densenet", norms=("bn", "kn"), default_norm="bn", input_size=32, test_input_size=16)
 def densenet_bc100(
     norm: str,
     num_classes: int,

@@ -325,7 +325,7 @@ def resnet50(
     )
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32)
+@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32, test_input_size=16)
 def resnet18_cifar(
     norm: str,
     num_classes: int,
@@ -340,7 +340,7 @@ def resnet18_cifar(
     )
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32)
+@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32, test_input_size=16)
 def resnet34_cifar(
     norm: str,
     num_classes: int,
@@ -355,7 +355,7 @@ def resnet34_cifar(
     )
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32)
+@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32, test_input_size=16)
 def resnet50_cifar(
     norm: str,
     num_classes: int,
@@ -410,7 +410,7 @@ def knresnet50(
     return resnet50(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
 
 
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32)
+@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32, test_input_size=16)
 def knresnet18_cifar(
     norm: str,
     num_classes: int,
@@ -423,7 +423,7 @@ def knresnet18_cifar(
     return resnet18_cifar(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
 
 
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32)
+@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32, test_input_size=16)
 def knresnet34_cifar(
     norm: str,
     num_classes: int,
@@ -436,7 +436,7 @@ def knresnet34_cifar(
     return resnet34_cifar(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
 
 
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32)
+@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32, test_input_size=16)
 def knresnet50_cifar(
     norm: str,
     num_classes: int,

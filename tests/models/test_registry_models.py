@@ -1,9 +1,11 @@
 """Behaviour of every registered model x supported norm, parametrised from the registry.
 
 Each case runs on CPU at the model's `test_input_size` (or its `input_size`), batch 2. The model is
-built once per case (class-scoped fixture) and the checks run in order; the SGD check, which
-changes the weights, runs last. Models may return a Tensor or a tuple of Tensors in train mode
-(Conformer: one logit tensor per branch; the loss is the mean of their cross-entropies).
+built once per case (class-scoped fixture) and the checks run in the order written: the eval-mode
+checks share one forward pass, so they come before the train-mode ones, which update BatchNorm's
+running statistics, and the SGD check, which changes the weights, runs last. Models may return a
+Tensor or a tuple of Tensors in train mode (Conformer: one logit tensor per branch; the loss is the
+mean of their cross-entropies).
 """
 
 import pytest
@@ -63,20 +65,6 @@ class TestEveryModel:
         assert isinstance(out, torch.Tensor), "eval forward must return one logit tensor"
         assert out.shape == (BATCH, NUM_CLASSES)
 
-    def test_backward_finite(self, case):
-        model = case["model"].train()
-        model.zero_grad(set_to_none=True)
-        outs = _outputs(model(case["x"]))
-        assert all(o.shape == (BATCH, NUM_CLASSES) for o in outs)
-        loss = sum(F.cross_entropy(o, case["y"]) for o in outs) / len(outs)
-        assert torch.isfinite(loss)
-        loss.backward()
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-        assert not missing, f"parameters without gradient (unused in forward; DDP would fail): {missing[:5]}"
-        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        assert not bad, f"non-finite gradients in {bad[:5]}"
-        model.zero_grad(set_to_none=True)
-
     def test_eval_deterministic(self, case):
         first = _eval_output(case)
         case["model"].eval()
@@ -93,6 +81,20 @@ class TestEveryModel:
         with torch.no_grad():
             alone = torch.cat([case["model"](case["x"][i : i + 1]) for i in range(BATCH)])
         torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
+
+    def test_backward_finite(self, case):
+        model = case["model"].train()
+        model.zero_grad(set_to_none=True)
+        outs = _outputs(model(case["x"]))
+        assert all(o.shape == (BATCH, NUM_CLASSES) for o in outs)
+        loss = sum(F.cross_entropy(o, case["y"]) for o in outs) / len(outs)
+        assert torch.isfinite(loss)
+        loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"parameters without gradient (unused in forward; DDP would fail): {missing[:5]}"
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        assert not bad, f"non-finite gradients in {bad[:5]}"
+        model.zero_grad(set_to_none=True)
 
     def test_sgd_reduces_loss(self, case):
         # Plain gradient descent on one fixed batch (runs last: it changes the weights). Every step and

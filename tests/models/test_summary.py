@@ -38,7 +38,12 @@ def test_table_lists_every_norm_with_published_counts():
     table = format_table(family="densenet")
     lines = [line.split() for line in table.splitlines()]
     rows = {(r[0], r[2]): r for r in lines if r and r[0].startswith("densenet")}
-    assert set(rows) == {("densenet121", "bn*"), ("densenet121", "kn"), ("densenet_bc100", "bn*"), ("densenet_bc100", "kn")}
+    assert set(rows) == {
+        ("densenet121", "bn*"),
+        ("densenet121", "kn"),
+        ("densenet_bc100", "bn*"),
+        ("densenet_bc100", "kn"),
+    }
     assert rows[("densenet121", "bn*")][5] == "7,978,856"  # torchvision
     assert float(rows[("densenet121", "bn*")][6]) == pytest.approx(5.67, abs=0.01)
 
