@@ -15,19 +15,22 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow.fs
-import ray
-import ray.train
 import torch
-from ray.train.torch import TorchConfig, TorchTrainer
 
-from kn_dist import data, tracking
+from kn_dist import tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.models import create_model, model_info
-from kn_dist.worker import PROGRESS_PREFIX, train_worker
+
+if TYPE_CHECKING:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+# Ray, FFCV and the worker module are imported inside the functions that need them, so a bad model,
+# norm or tracking URI is reported before paying for those imports (tens of seconds on a busy machine).
+PROGRESS_PREFIX = "[kn-dist]"
 
 LOOP_CONFIG_KEYS = ("mlflow_run_id", "mlflow_parent_run_id", "trial_id", "sweep", "run_key", "stop_after_epoch")
 # Ray Train V2 writes this file beside the checkpoints of a run; its presence means "resumable".
@@ -57,6 +60,8 @@ def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
         )
 
     # Dataset: files exist (digits is written here on first use), labels fit the head, resolution fits.
+    from kn_dist import data
+
     found = data.check_dataset(cfg.data, num_classes=cfg.model.num_classes)
     cfg.data.train_path, cfg.data.val_path = found["train_path"], found["val_path"]
     classes = found["num_classes"]
@@ -79,9 +84,11 @@ def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
     if not _is_uri(cfg.checkpoint.storage_path):
         cfg.checkpoint.storage_path = str(Path(cfg.checkpoint.storage_path).expanduser().resolve())
     cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
-    if cfg.scaling.use_gpu and not ray.is_initialized() and not torch.cuda.is_available():
+    if cfg.scaling.use_gpu and not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
         # A cluster may have GPUs the driver lacks; only a purely local run can be judged here.
-        if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        if not ray.is_initialized():
             raise UserError("scaling.use_gpu=true but this machine has no CUDA device; set scaling.use_gpu=false")
     return ExperimentConfig.model_validate(cfg.model_dump())
 
@@ -93,6 +100,8 @@ def init_ray(address: str | None = None) -> bool:
     print patch off (it duplicates every worker print into its log), and Ray Train's INFO lines
     silenced in every worker process by `kn_dist.worker.quiet_ray_logs`.
     """
+    import ray
+
     if ray.is_initialized():
         return False
     local = address is None and not os.environ.get("RAY_ADDRESS")
@@ -125,6 +134,11 @@ def build_torch_trainer(
     `extra_loop_config` sets the keys documented in kn_dist.worker (trial_id, sweep,
     mlflow_parent_run_id, ...); `callbacks` go to RunConfig (e.g. Tune's TuneReportCallback).
     """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kn_dist.worker import train_worker
+
     if (
         cfg.tracking.uri is None
         or cfg.data.train_path is None
@@ -136,7 +150,8 @@ def build_torch_trainer(
     if unknown:
         raise ValueError(f"unknown train_loop_config keys {unknown}; valid: {LOOP_CONFIG_KEYS}")
     loop_config: dict[str, Any] = dict.fromkeys(LOOP_CONFIG_KEYS)
-    loop_config.update(run_key=f"{storage_path.rstrip('/')}/{run_name}", **extra)
+    loop_config["run_key"] = f"{storage_path.rstrip('/')}/{run_name}"
+    loop_config.update(extra)
     loop_config["config"] = cfg.model_dump(mode="json")
 
     scaling = cfg.scaling
@@ -166,6 +181,8 @@ def build_torch_trainer(
 
 def has_checkpoint(storage_path: str, name: str) -> bool:
     """Whether Ray Train V2 would resume run `name` under `storage_path` (local, NFS, s3://, gs://)."""
+    import pyarrow.fs
+
     try:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
         info = fs.get_file_info(f"{root.rstrip('/')}/{name}/{SNAPSHOT_FILE}")
@@ -210,6 +227,8 @@ def run_training(
     else:
         tags = tracking.run_tags(cfg, norm=cfg.model.norm, run_key=run_key, kind="train")
         run_id = tracking.create_run(client, experiment, cfg, tags)
+
+    import ray
 
     started = init_ray(address)
     try:

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from kn_dist import data, engine, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.models import create_model
+from kn_dist.trainer import PROGRESS_PREFIX
 
-PROGRESS_PREFIX = "[kn-dist]"
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -207,7 +207,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if epoch not in logged:
                 tracking.log_epoch(client, run_id, epoch, metrics)
             print(_format_progress(epoch, cfg.epochs, metrics, time.perf_counter() - begin, epoch - start_epoch + 1))
-        report = {"epoch": epoch, **metrics}
+        # "reported_at" lets kn_dist.bench.ray time whole epochs (train, eval, logging, checkpoint).
+        report = {"epoch": epoch, **metrics, "reported_at": time.time()}
         if epoch % cfg.checkpoint.every_epochs == 0 or last:
             rng = _gather(_rng_state(), world)  # collective: every rank takes part
             with tempfile.TemporaryDirectory() as folder:

@@ -23,7 +23,10 @@ EPOCHS = 3
 
 
 @pytest.fixture
-def local_ray():
+def local_ray(monkeypatch):
+    # A slow start of the worker group (a loaded machine) must not use up max_failures; the raylet
+    # inherits this process's environment.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         yield

@@ -19,6 +19,10 @@ EPOCHS = 2
 def two_nodes():
     from ray.cluster_utils import Cluster
 
+    # On a loaded machine starting a worker group can exceed Ray Train's 60 s default; a retried group
+    # would add workers to the actor table (the raylets inherit this process's environment).
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -28,6 +32,7 @@ def two_nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        patch.undo()
 
 
 def _config(tmp, name: str, strategy: str):
@@ -87,8 +92,10 @@ def _run(tmp, name: str, strategy: str, address: str):
     cfg = _config(tmp, name, strategy)
     result = run_training(cfg, address=address)
     assert result.metrics["epoch"] == EPOCHS
-    workers = {a: w for a, w in _train_workers().items() if a not in before}
-    nodes = sorted(w["Address"]["NodeID"] for w in workers.values())
+    # The worker group that trained is the last one started (a group that timed out while starting is
+    # replaced by a new one).
+    workers = sorted((w for a, w in _train_workers().items() if a not in before), key=lambda w: w["StartTime"])
+    nodes = sorted(w["Address"]["NodeID"] for w in workers[-cfg.scaling.num_workers :])
 
     uri = cfg.tracking.uri
     client = MlflowClient(uri)

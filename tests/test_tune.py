@@ -198,10 +198,12 @@ def sweep_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("sweep")
     (work / "sweep.yaml").write_text(yaml.safe_dump(SWEEP))
     uri = f"sqlite:///{work / 'mlflow.db'}"
+    # A Ray of its own ("local"): ray.init() without an address joins any `ray start` cluster on the machine.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (work / "first.log").open("w")
     driver = subprocess.Popen(
-        _cli("tune", "sweep.yaml", "--tracking-uri", uri), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+        _cli("tune", "sweep.yaml", "--tracking-uri", uri, "--address", "local"), cwd=work, env=env, stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: the kill takes the local Ray it started with it
     )  # fmt: skip
     client, deadline = MlflowClient(uri), time.time() + 1500  # generous: a loaded machine
@@ -230,7 +232,7 @@ def sweep_run(tmp_path_factory):
         f"the driver ended or stalled before the kill point: {(work / 'first.log').read_text()[-3000:]}"
     )
     time.sleep(2)
-    resume = _cli("tune", "sweep.yaml", "--tracking-uri", uri, "--resume")
+    resume = _cli("tune", "sweep.yaml", "--tracking-uri", uri, "--resume", "--address", "local")
     resumed = subprocess.run(resume, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     exp = client.get_experiment_by_name("digits_t")
