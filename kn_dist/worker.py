@@ -51,6 +51,8 @@ def quiet_ray_logs() -> None:
     function, because Ray Train reconfigures the `ray.train` logger when a worker starts.
     """
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Child loggers get an explicit level: Ray Train reconfigures "ray.train" itself in each worker.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     # Without a dashboard the state API is unavailable; this cleaner then warns every second.
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
