@@ -90,6 +90,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cluster_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kn_dist.clusters import placeholders, validate_cluster_yaml
+
+    for path in args.files:
+        validate_cluster_yaml(path)
+        todo = placeholders(yaml.safe_load(Path(path).read_text()))
+        print(f"{path}: ok" + (f"; still to fill in: {', '.join(todo)}" if todo else ""))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kn_dist.demo import run_demo
 
@@ -153,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=BENCH_TARGETS)
     p.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke check")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("cluster", help="check cluster files before `ray up` / `kubectl apply`")
+    cluster_sub = p.add_subparsers(dest="cluster_command", required=True)
+    c = cluster_sub.add_parser("check", help="Ray's cluster-config schema, pinned images, nothing open to 0.0.0.0/0")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(func=_cmd_cluster_check)
 
     p = sub.add_parser("demo", help="the main job on embedded defaults (digits, local Ray, local MLflow)")
     p.set_defaults(func=_cmd_demo)

@@ -107,7 +107,8 @@ def init_ray(address: str | None = None) -> bool:
     local = address is None and not os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated to controller and workers
     kwargs: dict[str, Any] = {
-        "address": address,
+        # "local": start our own Ray even if `ray start` left a cluster on this machine (the contract).
+        "address": address or os.environ.get("RAY_ADDRESS") or "local",
         "logging_level": logging.WARNING,
         "log_to_driver": True,
         "runtime_env": {"worker_process_setup_hook": "kn_dist.worker.quiet_ray_logs"},

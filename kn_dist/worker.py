@@ -190,6 +190,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             grad_clip=cfg.optim.grad_clip,
             channels_last=cfg.channels_last,
         )
+        if world > 1:
+            # Each rank's BatchNorm running stats drift by its last local batch; evaluate (and save)
+            # rank 0's everywhere, as DDP itself does before every training forward.
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
         val = engine.evaluate(
             evaluated, val_loader, device=device, precision=cfg.precision, channels_last=cfg.channels_last
         )

@@ -29,6 +29,7 @@ def ray_local() -> Iterator[None]:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
+        address="local",  # never attach to a cluster someone started with `ray start`
         num_cpus=RAY_TEST_CPUS,
         include_dashboard=False,
         logging_level=logging.WARNING,

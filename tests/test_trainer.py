@@ -79,7 +79,7 @@ def digits_run(ray_local, tmp_path_factory, digits_root):
     work = tmp_path_factory.mktemp("digits")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     overrides = [f"checkpoint.storage_path={work / 'runs'}", f"data.root={digits_root}"]
-    code = cli.main(["train", str(DIGITS), "--tracking-uri", uri, *overrides])
+    code = cli.main(["train", str(DIGITS), *overrides, "--tracking-uri", uri])
     return {"code": code, "uri": uri, "overrides": overrides, "work": work}
 
 

@@ -27,11 +27,14 @@ def test_knresnet18_has_twice_the_flops_of_resnet18_at_32px():
     assert _gflops("knresnet18_cifar", "kn", 32) == pytest.approx(2.22, abs=0.01)
 
 
-def test_flops_of_a_real_kn_model_equal_the_probe():
-    """The meta probe runs KNConv2d as its conv; the real layer must count the same FLOPs."""
+def test_probe_flops_are_the_convolutions_of_the_real_kn_model():
+    """The meta probe runs KNConv2d as its conv; the real layer also counts the few FLOPs of its
+    statistics (1.4 % on ConvMixer-256/8), so the table's figure is the convolutions' share."""
     torch.manual_seed(0)
-    real = forward_flops(create_model("convmixer_256_8", norm="kn"), 32)
-    assert real / 1e9 == pytest.approx(_gflops("convmixer_256_8", "kn", 32), rel=1e-6)
+    real = forward_flops(create_model("convmixer_256_8", norm="kn"), 32) / 1e9
+    probe = _gflops("convmixer_256_8", "kn", 32)
+    assert probe == pytest.approx(_gflops("convmixer_256_8", "bn", 32), rel=1e-3)  # same convolutions
+    assert probe <= real <= 1.05 * probe
 
 
 def test_table_lists_every_norm_with_published_counts():
