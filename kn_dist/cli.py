@@ -54,7 +54,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from kn_dist.models.summary import format_table
 
-    print(format_table(family=args.family))
+    try:
+        print(format_table(family=args.family))
+    except ValueError as err:  # an unknown family: models/ cannot raise our UserError itself
+        raise UserError(str(err)) from None
     return 0
 
 

@@ -331,7 +331,7 @@ def kn_conv2d(
         drop = _drop_mask(x, dropout_p)
     scale = 1.0 if drop is None else 1.0 / (1.0 - dropout_p)  # inverted dropout
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
