@@ -19,11 +19,13 @@ BENCH_TARGETS = ("layers", "models", "data", "ray", "tune")
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from kn_dist import config
-    from kn_dist.trainer import run_training
 
+    # Validate the config before importing torch/Ray/MLflow, so a typo is reported at once.
     cfg = config.load(args.config, args.overrides)
     if args.tracking_uri:
         cfg.tracking.uri = args.tracking_uri
+    from kn_dist.trainer import run_training
+
     run_training(cfg, address=args.address, resume=args.resume)
     return 0
 
@@ -111,8 +113,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other kn-dist error) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"kn-dist: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kn-dist", description="KernelNorm vs. standard normalisation at scale.")
+    parser = _OneLineParser(prog="kn-dist", description="KernelNorm vs. standard normalisation at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one config under Ray Train, tracked in MLflow")
