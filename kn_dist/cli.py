@@ -117,7 +117,9 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (like every other kn-dist error) and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"kn-dist: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        command = self.prog.removeprefix("kn-dist").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"kn-dist: error: {where}{message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,8 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, accepting `key=value` overrides anywhere on the line (as Hydra-style tools do), not only
+    before the first option: `kn-dist train cfg.yaml --tracking-uri X optim.lr=0.1` works."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+        unknown = [item for item in extra if item not in overrides]
+        if unknown or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.func(args)
     except UserError as err:

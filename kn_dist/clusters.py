@@ -2,7 +2,7 @@
 
 Two kinds of file live there:
 - `ray up` cluster configs (AWS, GCP, on-premise): checked with Ray's own validator
-  (`ray.autoscaler._private.util.prepare_config` + `validate_config`, the schema in
+  (kn_dist.ray_compat.prepare_cluster_config: the functions `ray up` calls, the schema in
   ray/autoscaler/ray-schema.json) exactly as `ray up` does before it contacts a cloud;
 - a KubeRay `RayCluster` manifest (apiVersion ray.io/v1): checked for its kind, its head group
   and pinned images.
@@ -142,11 +142,11 @@ def validate_ray_up_config(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     """
     import click
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from kn_dist.ray_compat import prepare_cluster_config
 
     try:
-        prepared = prepare_config(raw)
-        validate_config(prepared)
+        prepared = prepare_cluster_config(raw)
     except (jsonschema.ValidationError, ValueError, KeyError, TypeError, RuntimeError, click.ClickException) as err:
         problem = _ray_error(err)
         raise UserError(f"cluster file {str(path)!r} fails Ray's cluster-config validation: {problem}") from None

@@ -67,11 +67,18 @@ class ScheduleConfig(_Strict):
 
 
 class ScalingConfig(_Strict):
+    """How many Ray workers train one run and what each holds. DDP semantics (DESIGN.md §9): `batch_size`
+    is per worker, so the global batch is batch_size x num_workers (logged as derived.global_batch_size)
+    and the lr is for that global batch. BatchNorm normalises each worker's own batch unless `sync_bn`."""
+
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)  # only with use_gpu
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # SyncBatchNorm over all workers: BN statistics of the global batch, so a recipe scaled to more
+    # workers keeps its BN batch. Off by default: the published recipes are single-GPU (experiments/README.md).
+    sync_bn: bool = False
 
 
 class CheckpointConfig(_Strict):
@@ -155,19 +162,23 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         raise UserError(_describe(err)) from None
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping in YAML file `path`; a UserError naming the file when it is missing, invalid or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{what} {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {str(path)!r} must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config (None: all defaults) and apply command-line overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {str(path)!r} must hold a mapping of sections, not {type(raw).__name__}")
+    raw = read_yaml(path) if path is not None else {}
     return from_dict(apply_overrides(raw, overrides or []))
 
 

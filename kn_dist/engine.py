@@ -87,6 +87,21 @@ def build_scheduler(
     )
 
 
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a `build_scheduler` schedule at optimizer step `step` and set the learning rates for that step.
+
+    Used on resume instead of the saved step count: the caller passes completed epochs x this run's steps
+    per epoch, so a resume on another world size (another number of steps per epoch) keeps the
+    schedule's position in epochs.
+    """
+    state = scheduler.state_dict()
+    state["last_epoch"] = step
+    scheduler.load_state_dict(state)  # keeps the lambdas (not in the state dict) and the base lrs
+    groups = scheduler.optimizer.param_groups
+    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * factor(step)
+
+
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 only; a disabled scaler (a no-op passthrough) otherwise."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -207,7 +207,7 @@ def _plot_curves(path: Path, family: str, groups: dict[tuple[str, str], RunRecor
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    from kn_dist.tune import is_kn
+    from kn_dist.sweep import is_kn
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (model, norm), r in groups.items():
@@ -245,7 +245,7 @@ def _plot_kn_param(path: Path, key: str, records: list[RunRecord]) -> None:
 
 def write_report(tracking_uri: str | None, experiment: str | None, out_dir: str | Path) -> Path:
     """`kn-dist report`: report.md with one table per architecture (baseline vs KernelNorm) and PNG plots."""
-    from kn_dist.tune import is_kn
+    from kn_dist.sweep import is_kn
 
     client = _client(tracking_uri)
     exp_id, exp_name = resolve_experiment(client, experiment)

@@ -32,6 +32,7 @@ from kn_dist.config import ExperimentConfig, to_flat_dict, to_yaml
 from kn_dist.errors import UserError
 
 RUN_KEY_TAG = "kn_dist.run_key"  # stable identity of a training run across restarts (see find_or_create_run)
+PARENT_KINDS = ("sweep", "study")  # runs that hold other runs (tag mlflow.parentRunId on the children)
 EPOCH_METRICS = (
     "train_loss",
     "train_top1",
@@ -119,32 +120,55 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def derived_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """Params that follow from the config but are worth reading at a glance in the MLflow UI.
+
+    `derived.global_batch_size`: the batch one optimizer step sees (batch_size is per worker, DESIGN.md §9).
+    `derived.kn_eval`: how KernelNorm evaluates — "deterministic" (kn_dist's default) or "stochastic"
+    (dropout on the statistics left on in eval, as the official code and its published accuracies).
+    """
+    from kn_dist.sweep import is_kn
+
+    norm = cfg.model.norm or ""
+    kn_eval = "n/a"
+    if is_kn(norm):
+        kn_eval = "stochastic" if cfg.model.kwargs.get("kn_eval_dropout") else "deterministic"
+    return {
+        "derived.global_batch_size": str(cfg.data.batch_size * cfg.scaling.num_workers),
+        "derived.kn_eval": kn_eval,
+    }
+
+
 def run_tags(
     cfg: ExperimentConfig,
     *,
-    norm: str,
     run_key: str,
     kind: str = "train",
     trial_id: str | None = None,
     sweep: str | None = None,
     parent_run_id: str | None = None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The provenance tags of one run (contract: model, norm resolved, dataset, git revision, versions)."""
+    """The provenance tags of one run: model, resolved norm, dataset, git revision, versions, kind.
+
+    Sweep and study parent runs (kind "sweep" / "study") span models and norms and carry neither tag.
+    """
     tags = {
-        "kn_dist.model": cfg.model.name,
-        "kn_dist.norm": norm,
         "kn_dist.dataset": cfg.data.dataset,
         "kn_dist.git_revision": git_revision(),
         "kn_dist.versions": json.dumps(package_versions(), sort_keys=True),
         "kn_dist.kind": kind,
         RUN_KEY_TAG: run_key,
     }
+    if kind not in PARENT_KINDS:
+        tags["kn_dist.model"], tags["kn_dist.norm"] = cfg.model.name, str(cfg.model.norm)
     if trial_id is not None:
         tags["kn_dist.trial_id"] = trial_id
     if sweep is not None:
         tags["kn_dist.sweep"] = sweep
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
+    tags.update(extra or {})
     return tags
 
 
@@ -175,7 +199,7 @@ def find_run(client: MlflowClient, experiment: str, run_key: str) -> str | None:
 
 
 def create_run(client: MlflowClient, experiment: str, cfg: ExperimentConfig, tags: dict[str, str]) -> str:
-    """A new run named after the config, holding the flattened config as params."""
+    """A new run named after the config, holding the flattened config (and `derived_params`) as params."""
     run = client.create_run(experiment_id(client, experiment), run_name=cfg.name, tags=tags)
     log_params(client, run.info.run_id, cfg)
     return run.info.run_id
@@ -186,19 +210,53 @@ def find_or_create_run(client: MlflowClient, experiment: str, cfg: ExperimentCon
     run_id = find_run(client, experiment, tags[RUN_KEY_TAG])
     if run_id is None:
         return create_run(client, experiment, cfg, tags)
-    client.update_run(run_id, status="RUNNING")
+    mark_running(client, run_id)
     return run_id
 
 
+def mark_running(client: MlflowClient, run_id: str) -> None:
+    """A resumed run is RUNNING again (its earlier attempt ended KILLED or FAILED)."""
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+
 def log_params(client: MlflowClient, run_id: str, cfg: ExperimentConfig) -> None:
-    """Flattened config as params (MLflow takes at most 100 per batch)."""
-    params = [Param(k, str(v)) for k, v in to_flat_dict(cfg).items()]
+    """Flattened config plus `derived_params` as params (MLflow takes at most 100 per batch)."""
+    flat = {**{k: str(v) for k, v in to_flat_dict(cfg).items()}, **derived_params(cfg)}
+    params = [Param(k, v) for k, v in flat.items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
 
 
+def log_text_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Free-form params (a sweep's `tune.*` section), each cut to MLflow's 6,000-character limit."""
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def child_runs(client: MlflowClient, experiment: str, parent_run_id: str, status: str | None = None) -> list:
+    """Runs nested under `parent_run_id` (tag mlflow.parentRunId), optionally only those in `status`."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    where = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    if status is not None:
+        where += f" and attributes.status = '{status}'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], where, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def param_differences(client: MlflowClient, run_id: str, cfg: ExperimentConfig) -> list[str]:
-    """Config keys whose value differs from the params the run was started with."""
+    """Config keys whose value differs from the params the run was started with.
+
+    scaling.num_workers counts: batch_size is per worker, so another world size is another global batch
+    (another experiment), and `kn-dist train --resume` refuses it with this list.
+    """
     logged = client.get_run(run_id).data.params
     return sorted(k for k, v in to_flat_dict(cfg).items() if k in logged and logged[k] != str(v))
 
@@ -228,3 +286,15 @@ def log_final(client: MlflowClient, run_id: str, cfg: ExperimentConfig, state_di
 def finish(client: MlflowClient, run_id: str, ok: bool = True, status: str | None = None) -> None:
     """Mark the run FINISHED or FAILED (or an explicit MLflow status such as KILLED)."""
     client.set_terminated(run_id, status or RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def close_children(client: MlflowClient, experiment: str, parent_run_id: str, failed_run_keys: set[str]) -> None:
+    """End the children a sweep left RUNNING: FAILED where the trial errored, KILLED where a scheduler
+    stopped it early (its worker was killed mid-run and could not end its own run), tagged so."""
+    for run in child_runs(client, experiment, parent_run_id, status="RUNNING"):
+        key = run.data.tags.get(RUN_KEY_TAG)
+        if key in failed_run_keys:
+            finish(client, run.info.run_id, ok=False)
+        else:
+            client.set_tag(run.info.run_id, "kn_dist.stopped_early", "true")
+            finish(client, run.info.run_id, status="KILLED")

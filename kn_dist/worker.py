@@ -1,23 +1,15 @@
-"""The Ray Train per-worker function: runs on every rank of a TorchTrainer (DESIGN.md §1).
+"""The per-worker training loop (DESIGN.md §1): one function, run by every rank of a run.
 
-`train_worker(loop_config)` builds the FFCV loaders and the model once, wraps the model in DDP
-(`ray.train.torch.prepare_model`: gloo on CPU, nccl on GPU), trains with kn_dist.engine and
-reports once per epoch on every rank (`ray.train.report` is a barrier). Rank 0 alone writes
-MLflow and passes the checkpoint.
+`train_loop(loop, session)` builds the model and the FFCV loaders once, trains with kn_dist.engine,
+logs to MLflow on rank 0 and reports once per epoch on every rank. The `session` says where it
+runs: a Ray Train worker (`RayTrainSession`, DDP over the worker group) or a Ray Tune trial's own
+process (kn_dist.tune, one worker, no worker group). Either way checkpoints hold the model,
+optimizer, scheduler, scaler, epoch, every rank's RNG states and the MLflow run id, and a restarted
+run logs only the epochs MLflow does not hold yet, so each epoch appears exactly once.
 
-train_loop_config keys (built by kn_dist.trainer.build_torch_trainer):
-  "config":               cfg.model_dump(mode="json") of the config resolved by trainer.prepare_config
-  "mlflow_run_id":        str | None — the run created by `kn-dist train`; None: find-or-create by run key
-  "mlflow_parent_run_id": str | None — Tune's parent run (tag mlflow.parentRunId)
-  "trial_id":             str | None — Tune trial id: becomes the run key and tag kn_dist.trial_id
-  "sweep":                str | None — sweep name (tag kn_dist.sweep)
-  "run_key":              str — stable identity of the run (default "<storage_path>/<name>")
-  "stop_after_epoch":     int | None — stop (resumably) after this epoch; the schedule still spans cfg.epochs
-
-Restarts (worker failure, `--resume`, a Tune trial restored): the checkpoint holds model,
-optimizer, scheduler, scaler, epoch, every rank's RNG states and the MLflow run id; epochs are
-logged to MLflow before their checkpoint is reported, and a restarted run skips logging epochs
-MLflow already holds, so each epoch appears exactly once.
+Order at the last epoch: test evaluation (final runs only), final artifacts and FINISHED status,
+then the last report. A Tune scheduler may stop a trial at any report, so nothing is left for
+after it.
 """
 
 from __future__ import annotations
@@ -26,35 +18,310 @@ import logging
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
 
 from kn_dist import data, engine, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.models import create_model
-from kn_dist.trainer import PROGRESS_PREFIX
+from kn_dist.runtime import PROGRESS_PREFIX
 
 CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_DIR = "epoch_{epoch:04d}"  # one directory per checkpointed epoch, under the run's storage
 
 
-def quiet_ray_logs() -> None:
-    """Silence Ray Train's per-report INFO lines and the state-API warnings of its helper actors.
+class LoopConfig(BaseModel):
+    """Everything the loop needs besides the experiment config; strict like the config itself."""
 
-    Used as Ray's `worker_process_setup_hook` (every worker process) and again inside the worker
-    function, because Ray Train reconfigures the `ray.train` logger when a worker starts.
-    """
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # Child loggers get an explicit level: Ray Train reconfigures "ray.train" itself in each worker.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
-    # Without a dashboard the state API is unavailable; this cleaner then warns every second.
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    model_config = ConfigDict(extra="forbid")
+
+    config: ExperimentConfig  # resolved by kn_dist.prepare.prepare_config on the driver
+    run_key: str  # stable identity of the run in MLflow (tag kn_dist.run_key)
+    kind: Literal["train", "trial", "final"] = "train"
+    mlflow_run_id: str | None = None  # the run the driver created; None: find-or-create by run_key
+    mlflow_parent_run_id: str | None = None  # sweep or study parent run (tag mlflow.parentRunId)
+    trial_id: str | None = None  # Ray Tune trial id (tag kn_dist.trial_id)
+    sweep: str | None = None  # sweep name (tag kn_dist.sweep)
+    tags: dict[str, str] = Field(default_factory=dict)  # extra MLflow tags (a study's cell and seed)
+    evaluate_test: bool = False  # final runs: evaluate once on the test split after the last epoch
+    stop_after_epoch: int | None = Field(None, ge=1)  # stop resumably after this epoch (schedule spans epochs)
+
+
+class Session(Protocol):
+    """Where the loop runs: its rank, device, latest checkpoint, and how it reports an epoch."""
+
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> Any | None:
+        """A ray Checkpoint to resume from, or None for a fresh start."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, dir_name: str | None) -> None:
+        """Hand one epoch's metrics (and rank 0's checkpoint folder, if any) to Ray; every rank calls it."""
+
+
+class RayTrainSession:
+    """The loop inside a Ray Train worker: `ray.train.report` is a barrier over the worker group."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def latest_checkpoint(self) -> Any | None:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, dir_name: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name if checkpoint_dir else None)
+
+
+def train_worker(raw_loop_config: dict[str, Any]) -> None:
+    """The Ray Train entry point (TorchTrainer's train_loop_per_worker)."""
+    train_loop(LoopConfig.model_validate(raw_loop_config), RayTrainSession())
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop, as named steps
+
+
+@dataclass
+class _Run:
+    """The objects of one training run on one rank."""
+
+    net: torch.nn.Module  # the unwrapped model (state dicts, evaluation)
+    forward: torch.nn.Module  # what trains: DDP-wrapped and/or compiled
+    evaluated: torch.nn.Module  # what evaluates: unwrapped, compiled if asked
+    num_params: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loaders: dict[str, Any]
+    steps_per_epoch: int
+
+
+def train_loop(loop: LoopConfig, session: Session) -> None:
+    """Train loop.config on this rank: restore, open the MLflow run, epochs, save, finish."""
+    # Ray Train sets the root logger to INFO in its workers, and some of its records carry a file path
+    # as their logger name (so LoggingConfig cannot filter them): keep INFO off the console.
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg = loop.config
+    rank, world, device = session.world_rank, session.world_size, session.device
+    _configure_torch(cfg, device)
+    run = _build(cfg, rank, world, device, evaluate_test=loop.evaluate_test)
+    start_epoch, run_id = _restore(session.latest_checkpoint(), run, cfg, rank, world, loop.mlflow_run_id)
+    tracker = _open_mlflow_run(loop, run_id, run.num_params) if rank == 0 else None
+    last = min(loop.stop_after_epoch or cfg.epochs, cfg.epochs)
+    begin = time.perf_counter()
+    for epoch in range(start_epoch, last + 1):
+        metrics = _train_and_validate(run, cfg, device, world)
+        if tracker is not None:
+            tracker.log_epoch(epoch, metrics)
+            print(_format_progress(epoch, cfg.epochs, metrics, time.perf_counter() - begin, epoch - start_epoch + 1))
+        finished = epoch == cfg.epochs
+        if finished and loop.evaluate_test:
+            test = engine.evaluate(
+                run.evaluated,
+                run.loaders["test"],
+                device=device,
+                precision=cfg.precision,
+                channels_last=cfg.channels_last,
+            )
+            metrics.update(test_loss=test["loss"], test_top1=test["top1"])
+            if tracker is not None:
+                tracker.log_test(epoch, test)
+        if finished and tracker is not None:
+            tracker.finish(cfg, run.net.state_dict())
+        # "reported_at" lets the benches time whole epochs (train, eval, logging, checkpoint).
+        report = {"epoch": epoch, **metrics, "reported_at": time.time()}
+        if epoch % cfg.checkpoint.every_epochs == 0 or epoch == last:
+            _save_and_report(session, report, run, epoch, tracker.run_id if tracker else run_id)
+        else:
+            session.report(report, None, None)
+
+
+def _configure_torch(cfg: ExperimentConfig, device: torch.device) -> None:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *, evaluate_test: bool) -> _Run:
+    """Model (same seed on every rank; DDP also broadcasts rank 0's weights), loaders, optimizer, schedule."""
+    _seed(cfg.seed)
+    model = create_model(cfg.model.name, norm=cfg.model.norm, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
+    num_params = sum(p.numel() for p in model.parameters())
+    if cfg.scaling.sync_bn and world > 1:
+        # One BatchNorm batch over all ranks: the statistics of the global batch (DESIGN.md §9).
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model.to(device)
+    forward = net
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        forward = torch.compile(forward)
+    # Validation runs on the unwrapped module: ranks may have different numbers of val batches (the
+    # val shards are not padded) and DDP's forward can issue collectives.
+    evaluated = torch.compile(net) if cfg.compile else net
+    _seed(cfg.seed + 1000 * rank)  # a per-rank stream: dropout masks differ between ranks
+
+    # FFCV shards itself (distributed=True); built once per worker, after the process group exists.
+    train, val = data.loaders(cfg.data, rank, world, device, seed=cfg.seed, channels_last=cfg.channels_last)
+    loaders = {"train": train, "val": val}
+    if evaluate_test:
+        raise NotImplementedError("test split: pending the data branch")
+    steps = len(loaders["train"])
+    optimizer = engine.build_optimizer(net, cfg.optim)
+    scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, steps)
+    scaler = engine.build_scaler(cfg.precision, device)
+    return _Run(net, forward, evaluated, num_params, optimizer, scheduler, scaler, loaders, steps)
+
+
+def _restore(checkpoint: Any | None, run: _Run, cfg: ExperimentConfig, rank: int, world: int, run_id: str | None):
+    """(first epoch to train, MLflow run id) after loading `checkpoint` into the run's objects."""
+    start_epoch = 1
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        run.net.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"] + 1
+        # The schedule's position is kept in epochs: with another world size an epoch has another number
+        # of steps, and a position in steps would shift the schedule (issue 12, item 5).
+        engine.set_schedule_position(run.scheduler, state["epoch"] * run.steps_per_epoch)
+        run_id = state["mlflow_run_id"] or run_id
+        if len(state["rng"]) == world:
+            _set_rng_state(state["rng"][rank])
+        else:  # the world size changed: a fresh but reproducible stream
+            _seed(cfg.seed + 1000 * rank + start_epoch)
+    # FFCV derives each epoch's order (and kn_dist its augmentation) from seed + epoch: continue there.
+    for loader in run.loaders.values():
+        if hasattr(loader, "next_epoch"):
+            loader.next_epoch = start_epoch - 1
+    return start_epoch, run_id
+
+
+class _Tracker:
+    """Rank 0's MLflow run: per-epoch metrics once each, the test figures, the final artifacts."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.logged = tracking.logged_epochs(client, run_id)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch not in self.logged:
+            tracking.log_epoch(self.client, self.run_id, epoch, metrics)
+
+    def log_test(self, epoch: int, test: dict[str, float]) -> None:
+        tracking.log_epoch(self.client, self.run_id, epoch, {"test_loss": test["loss"], "test_top1": test["top1"]})
+
+    def finish(self, cfg: ExperimentConfig, state_dict: dict[str, Any]) -> None:
+        tracking.log_final(self.client, self.run_id, cfg, state_dict)
+        tracking.finish(self.client, self.run_id)
+
+
+def _open_mlflow_run(loop: LoopConfig, run_id: str | None, num_params: int) -> _Tracker:
+    cfg = loop.config
+    client = tracking.client(cfg.tracking.uri)
+    if run_id is None:
+        tags = tracking.run_tags(
+            cfg,
+            run_key=loop.run_key,
+            kind=loop.kind,
+            trial_id=loop.trial_id,
+            sweep=loop.sweep,
+            parent_run_id=loop.mlflow_parent_run_id,
+            extra=loop.tags,
+        )
+        run_id = tracking.find_or_create_run(client, cfg.tracking.experiment, cfg, tags)
+    else:
+        tracking.mark_running(client, run_id)
+    tracker = _Tracker(client, run_id)
+    if not tracking.logged_epochs(client, run_id, "num_params"):
+        tracking.log_epoch(client, run_id, 0, {"num_params": num_params})
+    return tracker
+
+
+def _train_and_validate(run: _Run, cfg: ExperimentConfig, device: torch.device, world: int) -> dict[str, float]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lr = run.optimizer.param_groups[0]["lr"]
+    train = engine.train_epoch(
+        run.forward,
+        run.loaders["train"],
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        device=device,
+        precision=cfg.precision,
+        label_smoothing=cfg.optim.label_smoothing,
+        grad_clip=cfg.optim.grad_clip,
+        channels_last=cfg.channels_last,
+    )
+    if world > 1 and not cfg.scaling.sync_bn:
+        # Each rank's BatchNorm running stats drift by its last local batch; evaluate (and save)
+        # rank 0's everywhere, as DDP itself does before every training forward.
+        for buffer in run.net.buffers():
+            dist.broadcast(buffer, 0)
+    val = engine.evaluate(
+        run.evaluated, run.loaders["val"], device=device, precision=cfg.precision, channels_last=cfg.channels_last
+    )
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return {
+        "train_loss": train["loss"],
+        "train_top1": train["top1"],
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "lr": lr,
+        "epoch_seconds": train["seconds"],
+        "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+        "peak_mem_mb": peak,
+    }
+
+
+def _save_and_report(session: Session, report: dict[str, Any], run: _Run, epoch: int, run_id: str | None) -> None:
+    rng = _gather(_rng_state(), session.world_size)  # collective: every rank takes part
+    with tempfile.TemporaryDirectory() as folder:
+        saved = None
+        if session.world_rank == 0:
+            state = {
+                "model": run.net.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "epoch": epoch,
+                "rng": rng,
+                "mlflow_run_id": run_id,
+            }
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            saved = folder
+        session.report(report, saved, CHECKPOINT_DIR.format(epoch=epoch))
+
+
+# ---------------------------------------------------------------------------------------------------
+# small helpers
 
 
 def _rng_state() -> dict[str, Any]:
@@ -95,147 +362,3 @@ def _format_progress(epoch: int, epochs: int, m: dict[str, float], elapsed: floa
         f"lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['epoch_seconds']:.1f}s  "
         f"ETA {timedelta(seconds=round(eta))}"
     )
-
-
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Train `loop_config["config"]` on this rank; see the module docstring for the keys."""
-    quiet_ray_logs()
-    cfg = ExperimentConfig.model_validate(loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # Same seed on every rank for the model (DDP also broadcasts rank 0's weights), then a
-    # per-rank stream so dropout masks differ between ranks.
-    _seed(cfg.seed)
-    model = create_model(cfg.model.name, norm=cfg.model.norm, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
-    num_params = sum(p.numel() for p in model.parameters())
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
-    net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    forward = torch.compile(model) if cfg.compile else model
-    # Validation runs on the unwrapped module: ranks may have different numbers of val batches
-    # (kn_dist.data shards val without padding) and DDP's forward can issue collectives.
-    evaluated = torch.compile(net) if cfg.compile else net
-    _seed(cfg.seed + 1000 * rank)
-
-    # FFCV shards itself (distributed=True); built once per worker after the process group exists.
-    train_loader, val_loader = data.loaders(
-        cfg.data, rank, world, device, seed=cfg.seed, channels_last=cfg.channels_last
-    )
-    optimizer = engine.build_optimizer(net, cfg.optim)
-    scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, len(train_loader))
-    scaler = engine.build_scaler(cfg.precision, device)
-
-    start_epoch, run_id = 1, loop_config.get("mlflow_run_id")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-        run_id = state["mlflow_run_id"] or run_id
-        if len(state["rng"]) == world:
-            _set_rng_state(state["rng"][rank])
-        else:  # the world size changed: a fresh but reproducible stream
-            _seed(cfg.seed + 1000 * rank + start_epoch)
-    # FFCV derives each epoch's order from seed + epoch number: continue where the run stopped.
-    for loader in (train_loader, val_loader):
-        if hasattr(loader, "next_epoch"):
-            loader.next_epoch = start_epoch - 1
-
-    client, logged = None, set()
-    if rank == 0:
-        client = tracking.client(cfg.tracking.uri)
-        if run_id is None:
-            trial_id = loop_config.get("trial_id")
-            tags = tracking.run_tags(
-                cfg,
-                norm=cfg.model.norm,
-                run_key=trial_id or loop_config["run_key"],
-                kind="trial" if trial_id else "train",
-                trial_id=trial_id,
-                sweep=loop_config.get("sweep"),
-                parent_run_id=loop_config.get("mlflow_parent_run_id"),
-            )
-            run_id = tracking.find_or_create_run(client, cfg.tracking.experiment, cfg, tags)
-        logged = tracking.logged_epochs(client, run_id)
-        if not tracking.logged_epochs(client, run_id, "num_params"):
-            tracking.log_epoch(client, run_id, 0, {"num_params": num_params})
-
-    stop = loop_config.get("stop_after_epoch") or cfg.epochs
-    begin = time.perf_counter()
-    for epoch in range(start_epoch, min(stop, cfg.epochs) + 1):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr = optimizer.param_groups[0]["lr"]
-        train = engine.train_epoch(
-            forward,
-            train_loader,
-            optimizer,
-            scheduler,
-            scaler,
-            device=device,
-            precision=cfg.precision,
-            label_smoothing=cfg.optim.label_smoothing,
-            grad_clip=cfg.optim.grad_clip,
-            channels_last=cfg.channels_last,
-        )
-        if world > 1:
-            # Each rank's BatchNorm running stats drift by its last local batch; evaluate (and save)
-            # rank 0's everywhere, as DDP itself does before every training forward.
-            for buffer in net.buffers():
-                dist.broadcast(buffer, 0)
-        val = engine.evaluate(
-            evaluated, val_loader, device=device, precision=cfg.precision, channels_last=cfg.channels_last
-        )
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-        metrics = {
-            "train_loss": train["loss"],
-            "train_top1": train["top1"],
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "lr": lr,
-            "epoch_seconds": train["seconds"],
-            "images_per_s": train["images"] / max(train["seconds"], 1e-9),
-            "peak_mem_mb": peak,
-        }
-        last = epoch == min(stop, cfg.epochs)
-        if rank == 0:
-            if epoch not in logged:
-                tracking.log_epoch(client, run_id, epoch, metrics)
-            print(_format_progress(epoch, cfg.epochs, metrics, time.perf_counter() - begin, epoch - start_epoch + 1))
-        # "reported_at" lets kn_dist.bench.ray time whole epochs (train, eval, logging, checkpoint).
-        report = {"epoch": epoch, **metrics, "reported_at": time.time()}
-        if epoch % cfg.checkpoint.every_epochs == 0 or last:
-            rng = _gather(_rng_state(), world)  # collective: every rank takes part
-            with tempfile.TemporaryDirectory() as folder:
-                saved = None
-                if rank == 0:
-                    state = {
-                        "model": net.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "epoch": epoch,
-                        "rng": rng,
-                        "mlflow_run_id": run_id,
-                    }
-                    torch.save(state, Path(folder) / CHECKPOINT_FILE)
-                    saved = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report(report, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:04d}")
-        else:
-            ray.train.report(report)
-
-    if rank == 0 and min(stop, cfg.epochs) == cfg.epochs:
-        tracking.log_final(client, run_id, cfg, net.state_dict())
-        tracking.finish(client, run_id)

@@ -7,8 +7,6 @@ per test, absolute so Ray workers (which run in another directory) write to the 
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,19 +20,11 @@ def ray_local() -> Iterator[None]:
     """A local Ray with RAY_TEST_CPUS CPUs and no dashboard, quiet, for one test module."""
     import ray
 
-    from kn_dist.trainer import init_ray
+    from kn_dist.runtime import init_ray
 
     if ray.is_initialized():  # another module's cluster leaked: start from a known state
         ray.shutdown()
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(
-        address="local",  # never attach to a cluster someone started with `ray start`
-        num_cpus=RAY_TEST_CPUS,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "kn_dist.worker.quiet_ray_logs"},
-    )
+    assert init_ray(num_cpus=RAY_TEST_CPUS) is True  # "local": never attach to a cluster started with `ray start`
     assert init_ray() is False  # kn_dist reuses a running Ray instead of starting its own
     yield
     ray.shutdown()

@@ -77,7 +77,7 @@ def test_every_family_has_a_cifar100_sweep():
 
 @pytest.mark.parametrize("path", SWEEPS, ids=_rel)
 def test_sweep_loads(path):
-    from kn_dist.tune import is_kn, load_sweep
+    from kn_dist.sweep import is_kn, load_sweep
 
     sweep = load_sweep(path)
     norms = {cell.norm for cell in sweep.cells}
@@ -88,6 +88,6 @@ def test_sweep_loads(path):
 @pytest.mark.parametrize("path", SWEEPS, ids=_rel)
 def test_sweep_passes_the_tune_validator(path):
     # Builds every (model, norm, KernelNorm kwargs) combination on the meta device: seconds per file.
-    from kn_dist.tune import load_sweep, validate_sweep
+    from kn_dist.sweep import load_sweep, validate_sweep
 
     validate_sweep(load_sweep(path))

@@ -65,9 +65,10 @@ def test_sqlite_and_file_uris(tmp_path):
 
 
 def test_run_lifecycle_follows_the_naming_contract(mlflow_uri, tmp_path):
-    cfg = config.load(None, ["name=life", "model.norm=bn", "model.kwargs.kn_dropout_p=0.1"])
+    cfg = config.load(None, ["name=life", "model.norm=bn", "model.kwargs.kn_dropout_p=0.1", "data.batch_size=48"])
+    cfg.scaling.num_workers = 3
     client = tracking.client(mlflow_uri)
-    tags = tracking.run_tags(cfg, norm="bn", run_key="/runs/life", trial_id="t1", sweep="s", parent_run_id=None)
+    tags = tracking.run_tags(cfg, run_key="/runs/life", trial_id="t1", sweep="s", extra={"kn_dist.seed": "7"})
     run_id = tracking.find_or_create_run(client, "exp", cfg, tags)
     assert tracking.find_or_create_run(client, "exp", cfg, tags) == run_id  # same key: the same run
 
@@ -76,7 +77,10 @@ def test_run_lifecycle_follows_the_naming_contract(mlflow_uri, tmp_path):
     assert run.data.tags["kn_dist.model"] == "resnet18_cifar" and run.data.tags["kn_dist.norm"] == "bn"
     assert run.data.tags["kn_dist.trial_id"] == "t1" and run.data.tags["kn_dist.kind"] == "train"
     assert json.loads(run.data.tags["kn_dist.versions"])["torch"] == torch.__version__
-    assert run.data.tags["kn_dist.git_revision"]
+    assert run.data.tags["kn_dist.git_revision"] and run.data.tags["kn_dist.seed"] == "7"
+    assert "mlflow.parentRunId" not in run.data.tags
+    # DDP: the batch one optimizer step sees is 48 per worker x 3 workers; BN evaluates without KernelNorm.
+    assert run.data.params["derived.global_batch_size"] == "144" and run.data.params["derived.kn_eval"] == "n/a"
 
     for epoch in (1, 2):
         tracking.log_epoch(client, run_id, epoch, {"val_top1": 0.5 * epoch, "lr": 0.1})
@@ -84,8 +88,11 @@ def test_run_lifecycle_follows_the_naming_contract(mlflow_uri, tmp_path):
     history = MlflowClient(mlflow_uri).get_metric_history(run_id, "val_top1")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 1.0)]
 
-    changed = config.load(None, ["name=life", "model.norm=bn", "model.kwargs.kn_dropout_p=0.1", "optim.lr=0.2"])
-    assert tracking.param_differences(client, run_id, changed) == ["optim.lr"]
+    changed = config.load(
+        None, ["name=life", "model.norm=bn", "model.kwargs.kn_dropout_p=0.1", "data.batch_size=48", "optim.lr=0.2"]
+    )
+    changed.scaling.num_workers = 2  # another world size: another global batch, so a resume is refused
+    assert tracking.param_differences(client, run_id, changed) == ["optim.lr", "scaling.num_workers"]
 
     weights = {"w": torch.arange(4.0)}
     tracking.log_final(client, run_id, cfg, weights)

@@ -64,7 +64,8 @@ def run(quick: bool = False) -> dict:
     """{"cases": [...]} with the median epoch seconds of both sides and their ratio (target <= 1.10)."""
     import ray
 
-    from kn_dist.trainer import init_ray, prepare_config
+    from kn_dist.prepare import prepare_config
+    from kn_dist.runtime import init_ray
 
     epochs, repeats = (3, 1) if quick else (4, 3)
     with tempfile.TemporaryDirectory() as tmp:

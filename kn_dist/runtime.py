@@ -1,0 +1,83 @@
+"""What every process of a run shares: the console prefix, how Ray is started, and keeping Ray quiet.
+
+trainer.py, tune.py, study.py and worker.py import this module; it imports none of them, so the
+driver, the Tune trial actors and the Ray Train workers agree on one prefix and one Ray set-up
+without an import cycle. Ray itself is imported only inside the functions that need it.
+
+Console policy (issue 14, item 14): the console shows kn_dist's own progress lines, Tune's status
+table and real errors. Ray's INFO/WARNING records stay in Ray's log files under
+/tmp/ray/session_latest/logs (train/ for Ray Train's own files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from kn_dist.ray_compat import PREEMPTION_WATCHER_ENV_VAR, PRINT_PATCH_ENV_VAR
+
+PROGRESS_PREFIX = "[kn-dist]"
+
+# Settings every Ray worker process of a kn_dist job needs. They travel in the job's runtime_env, so
+# they reach the workers of a remote cluster too (a driver's os.environ does not, issue 12 item 4).
+WORKER_ENV_VARS = {PRINT_PATCH_ENV_VAR: "0"}  # our progress lines once, not twice
+WORKER_SETUP_HOOK = "kn_dist.runtime.quiet_ray_logs"
+
+
+def say(message: str) -> None:
+    """One kn_dist progress line on the console (stdout, flushed: Ray forwards worker output line by line)."""
+    print(f"{PROGRESS_PREFIX} {message}", flush=True)
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's own INFO and WARNING records off the console in this process (they still reach Ray's files).
+
+    Runs as Ray's `worker_process_setup_hook` in every worker process of the job, and on the driver.
+    Ray Train configures its `ray.train` logger itself when a worker starts; its console output is
+    filtered by the RunConfig's LoggingConfig (kn_dist.trainer), not here.
+    """
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+
+
+def ray_runtime_env(*, local: bool = False) -> dict[str, Any]:
+    """The runtime_env of every kn_dist Ray job: worker env vars and the log-quieting hook."""
+    env_vars = dict(WORKER_ENV_VARS)
+    if local:
+        env_vars[PREEMPTION_WATCHER_ENV_VAR] = "0"  # one machine cannot be preempted (ray_compat)
+    return {"env_vars": env_vars, "worker_process_setup_hook": WORKER_SETUP_HOOK}
+
+
+def is_local_address(address: str | None) -> bool:
+    """True when `init_ray(address)` starts a Ray of its own on this machine rather than joining a cluster."""
+    chosen = address or os.environ.get("RAY_ADDRESS")
+    return chosen in (None, "", "local")
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Start a local Ray (no address and no RAY_ADDRESS, or "local") or join a cluster; False if Ray was up.
+
+    A local Ray has no dashboard (ray[default] is not installed and it costs a process) and Ray's own
+    log records below ERROR stay in its files. Joining a cluster ("auto", "ray://...", host:port)
+    uses the same runtime_env, so remote workers get the same settings.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    local = is_local_address(address)
+    kwargs: dict[str, Any] = {
+        # "local": our own Ray even when `ray start` left a cluster on this machine.
+        "address": "local" if local else (address or os.environ.get("RAY_ADDRESS")),
+        "logging_level": logging.ERROR,
+        "log_to_driver": True,  # our progress lines are printed by rank 0 of the workers
+        "runtime_env": ray_runtime_env(local=local),
+    }
+    if local:
+        kwargs["include_dashboard"] = False
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+    quiet_ray_logs()
+    ray.init(**kwargs)
+    return True
