@@ -198,8 +198,12 @@ class SeededAugment(Operation):
 class SeededLoader(Loader):
     """ffcv Loader that tells its `SeededAugment` operations the epoch each iteration draws for."""
 
+    def __init__(self, *args, pipelines: dict | None = None, **kwargs):
+        pipelines = pipelines or {}
+        self.augment_ops = [op for ops in pipelines.values() for op in ops or () if isinstance(op, SeededAugment)]
+        super().__init__(*args, pipelines=pipelines, **kwargs)
+
     def __iter__(self):
-        ops = [op for ops in self._args["pipelines"].values() if ops for op in ops if isinstance(op, SeededAugment)]
-        for op in ops:  # set before the epoch's thread starts; next_epoch is what the traversal order uses too
+        for op in self.augment_ops:  # before the epoch's thread starts; the traversal order reads next_epoch too
             op.epoch = self.next_epoch
         return super().__iter__()

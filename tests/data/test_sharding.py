@@ -137,6 +137,27 @@ def test_a_resumed_loader_yields_exactly_the_uninterrupted_batches(index_cfg, ra
 
 
 @pytest.mark.slow
+def test_uint8_augment_op_of_the_gpu_path_in_an_ffcv_pipeline(index_cfg):
+    """The GPU path's pipeline up to ToDevice, on the CPU: decode, SeededAugment to uint8, ToTensor."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import OrderOption
+    from ffcv.transforms import ToTensor
+
+    from kn_dist.data.augment import SeededAugment, SeededLoader
+
+    cfg, images, _ = index_cfg
+    fill = (128.0, 128.0, 128.0)
+    op = SeededAugment(SEED, pad=PAD, flip=True, cutout=CUTOUT, cutout_fill=fill)
+    pipelines = {"image": [SimpleRGBImageDecoder(), op, ToTensor()], "label": [IntDecoder(), ToTensor()]}
+    loader = SeededLoader(cfg.train_path, batch_size=64, order=OrderOption.RANDOM, seed=0, pipelines=pipelines)
+    loader.next_epoch = 4
+    x, y = next(iter(loader))
+    assert x.dtype == torch.uint8 and x.shape == (64, 32, 32, 3)
+    labels = y.numpy().ravel()
+    assert np.array_equal(x.numpy(), _expected(images, labels, epoch=4))
+
+
+@pytest.mark.slow
 def test_quasi_random_shards_are_equal_and_disjoint(index_cfg):
     cfg, _, _ = index_cfg
     (tr0, _), (tr1, _) = _rank_loaders(cfg.model_copy(update={"order": "quasi_random"}))
