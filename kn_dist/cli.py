@@ -74,6 +74,7 @@ def _cmd_data_write(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality,
         num_samples=args.num_samples,
         image_size=args.image_size,
+        **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}),
     )
     for path in paths:
         print(path)
@@ -81,9 +82,10 @@ def _cmd_data_write(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from kn_dist.data import inspect_beton
+    from kn_dist.data import inspect_beton, inspect_dataset
 
-    print(json.dumps(inspect_beton(args.file), indent=2))
+    target = Path(args.path)
+    print(json.dumps(inspect_dataset(target) if target.is_dir() else inspect_beton(target), indent=2))
     return 0
 
 
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="write or inspect FFCV .beton datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    w = data_sub.add_parser("write", help="write train.beton and val.beton under --out")
+    w = data_sub.add_parser("write", help="write train.beton, val.beton, test.beton and splits.json under --out")
     w.add_argument("dataset", choices=["digits", "cifar10", "cifar100", "imagefolder", "synthetic"])
     w.add_argument("--out", required=True)
     w.add_argument("--source", help="imagefolder: class-folder root; cifar: download/cache dir")
@@ -170,9 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality")
     w.add_argument("--num-samples", type=int, default=None, help="synthetic: number of images")
     w.add_argument("--image-size", type=int, default=None, help="synthetic/digits: side length")
+    w.add_argument(
+        "--val-fraction", type=float, help="imagefolder without its own val/: share of train/ held out (default 0.1)"
+    )
     w.set_defaults(func=_cmd_data_write)
-    i = data_sub.add_parser("inspect", help="fields, sample count and resolution of a .beton")
-    i.add_argument("file")
+    i = data_sub.add_parser("inspect", help="a dataset directory's splits and sizes, or one .beton's fields")
+    i.add_argument("path", help="a dataset directory (data/<dataset>) or a .beton file")
     i.set_defaults(func=_cmd_data_inspect)
 
     p = sub.add_parser("bench", help="benchmarks; print one JSON object")

@@ -23,10 +23,14 @@ class DataConfig(_Strict):
     """Where the .beton files are and how the FFCV loaders read them."""
 
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
-    root: str = "data"  # the dataset lives in <root>/<dataset>/{train,val}.beton
+    root: str = "data"  # the dataset lives in <root>/<dataset>/{train,val,test}.beton + splits.json
     train_path: str | None = None  # explicit .beton paths override root/dataset
-    val_path: str | None = None
+    val_path: str | None = None  # held out from the training data: what sweeps score on
+    test_path: str | None = None  # the dataset's test split: opened only by final runs; optional with explicit paths
     source_dir: str | None = None  # imagefolder: the class-folder tree to write from
+    # imagefolder without its own val/ folder: the stratified share of train/ held out as val (recorded
+    # in splits.json; a directory written with another fraction is refused, not silently reused)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
     image_size: int = Field(32, gt=0)  # resolution the model sees
     batch_size: int = Field(128, gt=0)  # per Ray worker
     val_batch_size: int | None = Field(None, gt=0)  # default: batch_size

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from kn_dist.config import DataConfig
 from kn_dist.data import loaders, write_dataset
 from kn_dist.data.catalog import DATASETS, IMAGENET_MEAN, IMAGENET_STD
-from kn_dist.data.writers import _ArrayDataset, write_beton
+from kn_dist.data.sources import ArrayDataset
+from kn_dist.data.writers import write_beton
 
 NUM_WORKERS = 2  # the same for both sides; what a 2-core CI box has
 
@@ -73,7 +74,7 @@ def _case_cifar(tmp: Path, n: int, repeats: int, batch: int) -> dict:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n)
-    path = write_beton(tmp / "cifar32.beton", _ArrayDataset(images, labels))
+    path = write_beton(tmp / "cifar32.beton", ArrayDataset(images, labels))
     cfg = DataConfig(
         dataset="cifar10", train_path=str(path), val_path=str(path), batch_size=batch, num_workers=NUM_WORKERS
     )
@@ -109,7 +110,7 @@ def _jpeg_folder(root: Path, n: int) -> None:
         img = np.clip(np.asarray(small, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
         Image.fromarray(img).save(folder / f"{i:05d}.jpg", quality=90)
     (root / "val").mkdir(exist_ok=True)
-    for cls in range(10):  # the writer needs a val split; one image per class is enough here
+    for cls in range(10):  # the writer needs a test split (val/ is it); one image per class is enough here
         src = root / "train" / f"class{cls}"
         (root / "val" / src.name).mkdir(exist_ok=True)
         first = sorted(src.iterdir())[0]
@@ -122,7 +123,7 @@ def _case_jpeg(tmp: Path, n: int, repeats: int, batch: int) -> dict:
 
     src = tmp / "jpeg_src"
     _jpeg_folder(src, n)
-    train, val = write_dataset("imagefolder", tmp / "jpeg_beton", source_dir=src, max_side=256, jpeg_quality=90)
+    train, val, _ = write_dataset("imagefolder", tmp / "jpeg_beton", source_dir=src, max_side=256, jpeg_quality=90)
     cfg = DataConfig(
         dataset="imagefolder",
         train_path=str(train),
