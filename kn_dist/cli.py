@@ -37,6 +37,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from kn_dist.study import run_study
+
+    run_study(
+        args.study,
+        args.overrides,
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+        resume=args.resume,
+        report_dir=args.report_dir,
+    )
+    return 0
+
+
 def _cmd_best(args: argparse.Namespace) -> int:
     from kn_dist.report import best_command
 
@@ -143,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address")
     p.add_argument("--resume", action="store_true", help="restore an interrupted sweep of the same name")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("study", help="sweep, selection on val, finals x seeds on test, the report (DESIGN.md §8)")
+    p.add_argument("study", help="study YAML (experiments/studies/*.yaml): a sweep file plus a study: section")
+    p.add_argument("overrides", nargs="*", help="key=value overrides; study.* and tune.* reach their sections")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--address")
+    p.add_argument("--resume", action="store_true", help="finish a killed study without redoing finished runs")
+    p.add_argument("--report-dir", help="where report.md and the plots go (default: reports/<study name>)")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("best", help="best configuration per (architecture, norm) from MLflow")
     p.add_argument("--tracking-uri")

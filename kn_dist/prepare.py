@@ -71,8 +71,14 @@ def prepare_config(cfg: ExperimentConfig, *, address: str | None = None) -> Expe
     # Dataset: files exist (digits is written here on first use), labels fit the head, resolution fits.
     from kn_dist import data
 
-    found = data.check_dataset(cfg.data, num_classes=cfg.model.num_classes)
-    cfg.data.train_path, cfg.data.val_path = found["train_path"], found["val_path"]
+    # world_size: a batch larger than a rank's shard, cutout larger than the image, fewer val samples than
+    # workers would each fail only inside the workers, retried max_failures times (issue 14, item 11).
+    found = data.check_dataset(cfg.data, num_classes=cfg.model.num_classes, world_size=cfg.scaling.num_workers)
+    cfg.data.train_path, cfg.data.val_path, cfg.data.test_path = (
+        found["train_path"],
+        found["val_path"],
+        found["test_path"],
+    )
     if not _is_uri(cfg.data.root):
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     cfg.model.norm, cfg.model.num_classes = norm, found["num_classes"]

@@ -55,12 +55,14 @@ def is_local_address(address: str | None) -> bool:
     return chosen in (None, "", "local")
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> bool:
     """Start a local Ray (no address and no RAY_ADDRESS, or "local") or join a cluster; False if Ray was up.
 
-    A local Ray has no dashboard (ray[default] is not installed and it costs a process) and Ray's own
-    log records below ERROR stay in its files. Joining a cluster ("auto", "ray://...", host:port)
-    uses the same runtime_env, so remote workers get the same settings.
+    A local Ray starts its dashboard only when asked (it costs a process and start-up time): sweeps whose
+    trials are TorchTrainers need it, because Ray Train's placement-group cleaner asks the dashboard's
+    state API whether a stopped trial's controller is gone before it frees the trial's workers. Ray's own
+    log records below ERROR stay in its files. Joining a cluster ("auto", "ray://...", host:port) uses
+    the same runtime_env, so remote workers get the same settings.
     """
     import ray
 
@@ -75,7 +77,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
         "runtime_env": ray_runtime_env(local=local),
     }
     if local:
-        kwargs["include_dashboard"] = False
+        kwargs["include_dashboard"] = dashboard
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     quiet_ray_logs()

@@ -40,7 +40,7 @@ _FIXED = {
     "model.norm": "list norms under tune.architectures",
 }
 _FIXED_PREFIXES = ("scaling.", "checkpoint.", "tracking.", "data.dataset", "data.root", "data.train_path")
-_FIXED_PREFIXES += ("data.val_path", "data.source_dir", "data.image_size")
+_FIXED_PREFIXES += ("data.val_path", "data.test_path", "data.val_fraction", "data.source_dir", "data.image_size")
 
 
 class _Strict(BaseModel):

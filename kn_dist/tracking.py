@@ -219,6 +219,12 @@ def mark_running(client: MlflowClient, run_id: str) -> None:
     client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
 
+def append_tag(client: MlflowClient, run_id: str, key: str, value: str) -> None:
+    """Tag `key` = its previous value + "," + `value` (a history kept in one tag)."""
+    previous = client.get_run(run_id).data.tags.get(key)
+    client.set_tag(run_id, key, f"{previous},{value}" if previous else value)
+
+
 def log_params(client: MlflowClient, run_id: str, cfg: ExperimentConfig) -> None:
     """Flattened config plus `derived_params` as params (MLflow takes at most 100 per batch)."""
     flat = {**{k: str(v) for k, v in to_flat_dict(cfg).items()}, **derived_params(cfg)}
@@ -298,3 +304,12 @@ def close_children(client: MlflowClient, experiment: str, parent_run_id: str, fa
         else:
             client.set_tag(run.info.run_id, "kn_dist.stopped_early", "true")
             finish(client, run.info.run_id, status="KILLED")
+
+
+def log_study_results(client: MlflowClient, run_id: str, metrics: dict[str, float], report_dir: Path) -> None:
+    """A study's per-cell summary metrics and its report folder (report.md + PNGs) on the study run."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+    client.log_artifacts(run_id, str(report_dir), artifact_path="report")

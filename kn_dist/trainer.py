@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kn_dist import tracking
+from kn_dist import ray_compat, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.prepare import prepare_config
@@ -137,6 +137,7 @@ def run_training(
     import ray
 
     started = init_ray(address)
+    ray_compat.start_autoscaling_coordinator()  # ready before the controller asks (ray_compat)
     try:
         loop = LoopConfig(config=cfg, run_key=run_key, mlflow_run_id=run_id, stop_after_epoch=stop_after_epoch)
         trainer = build_torch_trainer(loop, run_name=name, storage_path=storage)

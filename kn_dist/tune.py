@@ -9,11 +9,14 @@ workers is a driver function that builds and fits the TorchTrainer of kn_dist.tr
 
 from __future__ import annotations
 
+import functools
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kn_dist import ray_compat, tracking
+from kn_dist.config import ExperimentConfig, ScalingConfig
 from kn_dist.errors import UserError
 from kn_dist.prepare import prepare_config
 from kn_dist.runtime import init_ray, say
@@ -123,7 +126,8 @@ class TuneSession:
         ray.tune.report(metrics, checkpoint=checkpoint)
 
 
-def _trial_loop_config(trial: dict[str, Any], sweep: Sweep, parent_run_id: str, trial_id: str) -> LoopConfig:
+def sweep_trial_loop(trial: dict[str, Any], trial_id: str, *, sweep: Sweep, parent_run_id: str) -> LoopConfig:
+    """The loop of one sweep trial: the cell's and sampled values on the base config, its own seed."""
     values = {k: v for k, v in trial.items() if k != "seed"}
     cfg = sweep.trial_config(values, seed=trial["seed"], name=f"{sweep.name}-{trial_id}")
     return LoopConfig(
@@ -136,15 +140,18 @@ def _trial_loop_config(trial: dict[str, Any], sweep: Sweep, parent_run_id: str, 
     )
 
 
-def run_trial_in_process(trial: dict[str, Any], *, sweep: Sweep, parent_run_id: str) -> None:
+MakeLoop = Callable[[dict[str, Any], str], LoopConfig]  # (Tune trial config, trial id) -> the loop to run
+
+
+def run_trial_in_process(trial: dict[str, Any], *, make_loop: MakeLoop) -> None:
     """Tune trainable for one-worker trials: the loop itself, in the trial's actor."""
     import ray.tune
 
-    loop = _trial_loop_config(trial, sweep, parent_run_id, ray.tune.get_context().get_trial_id())
+    loop = make_loop(trial, ray.tune.get_context().get_trial_id())
     train_loop(loop, TuneSession(loop.config.scaling.use_gpu))
 
 
-def run_trial_on_worker_group(trial: dict[str, Any], *, sweep: Sweep, parent_run_id: str, storage: str) -> None:
+def run_trial_on_worker_group(trial: dict[str, Any], *, make_loop: MakeLoop, storage: str) -> None:
     """Tune trainable for multi-worker trials: a driver function that fits one TorchTrainer.
 
     Trial ids come from ray.tune.get_context() (ray.train.get_context() raises here, DESIGN.md §7);
@@ -155,7 +162,7 @@ def run_trial_on_worker_group(trial: dict[str, Any], *, sweep: Sweep, parent_run
 
     from kn_dist.trainer import build_torch_trainer
 
-    loop = _trial_loop_config(trial, sweep, parent_run_id, ray.tune.get_context().get_trial_id())
+    loop = make_loop(trial, ray.tune.get_context().get_trial_id())
     # A stable run name per trial: a restarted trial resumes from its own checkpoints.
     trainer = build_torch_trainer(
         loop, run_name=loop.config.name, storage_path=storage, callbacks=[TuneReportCallback()]
@@ -163,20 +170,17 @@ def run_trial_on_worker_group(trial: dict[str, Any], *, sweep: Sweep, parent_run
     trainer.fit()
 
 
-def _trainable(sweep: Sweep, parent_run_id: str, storage: str) -> Any:
+def loop_trainable(make_loop: MakeLoop, scaling: ScalingConfig, storage: str) -> Any:
+    """The Tune trainable that runs `make_loop`'s loops with `scaling`: in the trial's process for one
+    worker, as a TorchTrainer (its checkpoints under `storage`) for several."""
     from ray import tune
 
-    s = sweep.base.scaling
-    if s.num_workers == 1:
-        trainable = tune.with_parameters(run_trial_in_process, sweep=sweep, parent_run_id=parent_run_id)
-        resources = {"cpu": s.cpus_per_worker, "gpu": s.gpus_per_worker if s.use_gpu else 0}
-        return tune.with_resources(trainable, resources)
-    trainable = tune.with_parameters(
-        run_trial_on_worker_group,
-        sweep=sweep,
-        parent_run_id=parent_run_id,
-        storage=_join(storage, f"{sweep.name}-trials"),
-    )
+    if scaling.num_workers == 1:
+        trainable = tune.with_parameters(run_trial_in_process, make_loop=make_loop)
+        return tune.with_resources(
+            trainable, {"cpu": scaling.cpus_per_worker, "gpu": scaling.gpus_per_worker if scaling.use_gpu else 0}
+        )
+    trainable = tune.with_parameters(run_trial_on_worker_group, make_loop=make_loop, storage=storage)
     # The driver function only waits on its TorchTrainer; the workers hold the CPUs/GPUs. An all-zero
     # request is refused, so the driver asks for one byte of memory.
     return tune.with_resources(trainable, {"cpu": 0, "memory": 1})
@@ -257,7 +261,8 @@ def _parent_run(sweep: Sweep, *, resume: bool, parent_run_id: str | None = None)
     return run_id
 
 
-def _join(root: str, *parts: str) -> str:
+def storage_join(root: str, *parts: str) -> str:
+    """root/parts for a local folder (absolute) or a URI (s3://, gs://)."""
     return "/".join([root.rstrip("/"), *parts]) if "://" in root else str(Path(root).resolve().joinpath(*parts))
 
 
@@ -267,7 +272,7 @@ def _prepare(sweep: Sweep) -> None:
     first = sweep.trial_config(sweep.cells[0].values, seed=sweep.base.seed, name=sweep.name)
     resolved = prepare_config(first)
     base = sweep.base
-    for key in ("root", "train_path", "val_path"):
+    for key in ("root", "train_path", "val_path", "test_path"):
         setattr(base.data, key, getattr(resolved.data, key))
     base.model.num_classes = resolved.model.num_classes
     base.checkpoint.storage_path = resolved.checkpoint.storage_path
@@ -292,7 +297,7 @@ def open_sweep(
 
 
 def sweep_dir(sweep: Sweep) -> str:
-    return _join(sweep.base.checkpoint.storage_path, sweep.name)
+    return storage_join(sweep.base.checkpoint.storage_path, sweep.name)
 
 
 def fit_sweep(sweep: Sweep, *, resume: bool, parent_run_id: str | None = None) -> Any:
@@ -309,51 +314,78 @@ def fit_sweep(sweep: Sweep, *, resume: bool, parent_run_id: str | None = None) -
             f"sweep {sweep.name!r} already exists at {experiment_dir}; pass --resume to continue it, "
             "or give it another name (name=...)"
         )
-    sweep_run_id = _parent_run(sweep, resume=resume, parent_run_id=parent_run_id)
+    # Inside a study the sweep's run is reused whenever it exists (a study killed before Tune saved its state).
+    sweep_run_id = _parent_run(sweep, resume=resume or parent_run_id is not None, parent_run_id=parent_run_id)
     limit, source = concurrency_limit(sweep, ray.cluster_resources(), ray_compat.autoscaler_max_resources())
     say(
         f"{'resuming' if resume else 'starting'} sweep {sweep.name!r}: {len(trial_plan(sweep))} trials over "
         f"{len(sweep.cells)} cells, up to {limit} at once ({source}); MLflow parent run {sweep_run_id} in "
         f"experiment {sweep.base.tracking.experiment!r} at {sweep.base.tracking.uri}"
     )
-    trainable = _trainable(sweep, sweep_run_id, sweep.base.checkpoint.storage_path)
-    ok, failed_keys = False, set()
+    if sweep.base.scaling.num_workers > 1:
+        ray_compat.start_autoscaling_coordinator()  # TorchTrainer trials: ready before their controllers ask
+    make_loop = functools.partial(sweep_trial_loop, sweep=sweep, parent_run_id=sweep_run_id)
+    trainable = loop_trainable(
+        make_loop, sweep.base.scaling, storage_join(sweep.base.checkpoint.storage_path, f"{sweep.name}-trials")
+    )
+    if resume:
+        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=sweep.tune.metric,
+                mode=sweep.tune.mode,
+                search_alg=make_searcher(sweep),
+                scheduler=_scheduler(sweep),
+                num_samples=len(trial_plan(sweep)),
+                max_concurrent_trials=limit,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune_run_config(sweep.name, sweep.base),
+        )
     try:
-        if resume:
-            tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    metric=sweep.tune.metric,
-                    mode=sweep.tune.mode,
-                    search_alg=make_searcher(sweep),
-                    scheduler=_scheduler(sweep),
-                    num_samples=len(trial_plan(sweep)),
-                    max_concurrent_trials=limit,
-                    trial_dirname_creator=_trial_dirname,
-                ),
-                run_config=tune.RunConfig(
-                    name=sweep.name,
-                    storage_path=sweep.base.checkpoint.storage_path,
-                    verbose=1,
-                    # One-worker trials restart from their last checkpoint (another node if theirs is gone).
-                    failure_config=tune.FailureConfig(max_failures=sweep.base.checkpoint.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.base.checkpoint.keep),
-                ),
-            )
         results = tuner.fit()
-        failed_keys = {r.metrics.get("trial_id", "") for r in results if r.error is not None} if results else set()
-        failed_keys |= {Path(r.path).name.removeprefix("trial_") for r in results if r.error is not None and r.path}
-        ok = not results.errors
-        say(f"sweep {sweep.name!r} done: {len(results)} trials, {len(results.errors)} failed")
-        return results
-    finally:
-        # A sweep that ended (ok or not) closes its children and itself; an interrupted driver never gets
-        # here, and its RUNNING trials continue under --resume.
-        client = tracking.client(sweep.base.tracking.uri)
-        tracking.close_children(client, sweep.base.tracking.experiment, sweep_run_id, failed_keys)
-        tracking.finish(client, sweep_run_id, ok=ok)
+    except BaseException:
+        # The sweep's own error is what the user must see: a failing MLflow store may not replace it.
+        close_tune_runs(sweep.base, sweep_run_id, set(), ok=False, quiet=True)
+        raise
+    failed = {trial_key(r) for r in results if r.error is not None}
+    close_tune_runs(sweep.base, sweep_run_id, failed, ok=not results.errors)
+    say(f"sweep {sweep.name!r} done: {len(results)} trials, {len(results.errors)} failed")
+    return results
+
+
+def tune_run_config(name: str, base: ExperimentConfig) -> Any:
+    """Tune's RunConfig for a sweep or a study's finals: storage, failures and checkpoints from the config."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=base.checkpoint.storage_path,
+        verbose=1,
+        # One-worker trials restart from their last checkpoint (on another node if theirs is gone).
+        failure_config=tune.FailureConfig(max_failures=base.checkpoint.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=base.checkpoint.keep),
+    )
+
+
+def trial_key(result: Any) -> str:
+    """The MLflow run key of a Tune result's trial (kn_dist trials are keyed by their trial id)."""
+    return str(result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
+
+
+def close_tune_runs(base: ExperimentConfig, parent_run_id: str, failed: set[str], *, ok: bool, quiet: bool = False):
+    """End the children a Tune run left RUNNING (FAILED where errored, KILLED where stopped early) and the
+    parent. `quiet`: while another error propagates, an MLflow failure here is one line, not a new error."""
+    try:
+        client = tracking.client(base.tracking.uri)
+        tracking.close_children(client, base.tracking.experiment, parent_run_id, failed)
+        tracking.finish(client, parent_run_id, ok=ok)
+    except Exception as err:
+        if not quiet:
+            raise
+        say(f"could not close the MLflow runs of {parent_run_id} ({type(err).__name__}: {err})")
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -374,7 +406,7 @@ def run_sweep(
     import ray
 
     sweep = open_sweep(path, overrides, tracking_uri)
-    started = init_ray(address)
+    started = init_ray(address, dashboard=sweep.base.scaling.num_workers > 1)
     try:
         results = fit_sweep(sweep, resume=resume)
     finally:

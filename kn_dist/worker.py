@@ -35,6 +35,7 @@ from kn_dist.runtime import PROGRESS_PREFIX
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIR = "epoch_{epoch:04d}"  # one directory per checkpointed epoch, under the run's storage
+RESUMED_FROM_TAG = "kn_dist.resumed_from"
 
 
 class LoopConfig(BaseModel):
@@ -126,6 +127,8 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     run = _build(cfg, rank, world, device, evaluate_test=loop.evaluate_test)
     start_epoch, run_id = _restore(session.latest_checkpoint(), run, cfg, rank, world, loop.mlflow_run_id)
     tracker = _open_mlflow_run(loop, run_id, run.num_params) if rank == 0 else None
+    if tracker is not None and start_epoch > 1:
+        tracker.record_resume(start_epoch - 1)
     last = min(loop.stop_after_epoch or cfg.epochs, cfg.epochs)
     begin = time.perf_counter()
     for epoch in range(start_epoch, last + 1):
@@ -187,10 +190,12 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     _seed(cfg.seed + 1000 * rank)  # a per-rank stream: dropout masks differ between ranks
 
     # FFCV shards itself (distributed=True); built once per worker, after the process group exists.
-    train, val = data.loaders(cfg.data, rank, world, device, seed=cfg.seed, channels_last=cfg.channels_last)
-    loaders = {"train": train, "val": val}
-    if evaluate_test:
-        raise NotImplementedError("test split: pending the data branch")
+    loaders = {
+        "train": data.train_loader(cfg.data, rank, world, device, seed=cfg.seed, channels_last=cfg.channels_last),
+        "val": data.eval_loader(cfg.data, rank, world, device, split="val", channels_last=cfg.channels_last),
+    }
+    if evaluate_test:  # final runs only: sweep trials never open the test split (DESIGN.md §8)
+        loaders["test"] = data.eval_loader(cfg.data, rank, world, device, split="test", channels_last=cfg.channels_last)
     steps = len(loaders["train"])
     optimizer = engine.build_optimizer(net, cfg.optim)
     scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, steps)
@@ -233,6 +238,10 @@ class _Tracker:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch not in self.logged:
             tracking.log_epoch(self.client, self.run_id, epoch, metrics)
+
+    def record_resume(self, epoch: int) -> None:
+        """Tag kn_dist.resumed_from: every checkpoint epoch this run restarted from, in order ("2,5")."""
+        tracking.append_tag(self.client, self.run_id, RESUMED_FROM_TAG, str(epoch))
 
     def log_test(self, epoch: int, test: dict[str, float]) -> None:
         tracking.log_epoch(self.client, self.run_id, epoch, {"test_loss": test["loss"], "test_top1": test["top1"]})

@@ -18,7 +18,7 @@ from kn_dist.data.checks import (
 )
 from kn_dist.data.loaders import default_num_workers, eval_loader, loaders, train_loader
 from kn_dist.data.splits import SPLIT_SEED, SPLITS
-from kn_dist.data.writers import SplitPaths, write_dataset
+from kn_dist.data.writers import SplitPaths, write_dataset, write_train_plus_val
 
 __all__ = [
     "DATASETS",
@@ -38,4 +38,5 @@ __all__ = [
     "train_loader",
     "train_shard_size",
     "write_dataset",
+    "write_train_plus_val",
 ]

@@ -245,3 +245,50 @@ def write_dataset(
     meta = {"dataset": name, "split_seed": SPLIT_SEED, "val_fraction": used_fraction, "splits": records}
     write_splits_file(out, meta)
     return paths
+
+
+class _Concat:
+    """Two indexable datasets one after the other."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, i: int):
+        return self.first[i] if i < len(self.first) else self.second[i - len(self.first)]
+
+
+def write_train_plus_val(
+    name: str,
+    out_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    image_size: int | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    max_side: int = 256,
+    jpeg_quality: int = 90,
+) -> Path:
+    """`<out_dir>/trainval.beton`: the train and val splits together, for final runs that train on both
+    (a study's `final_train_on: train+val`). The test split stays out. Written once, then reused."""
+    path = Path(out_dir).resolve() / "trainval.beton"
+    if path.exists():
+        open_beton(path)
+        return path
+    write_dataset(name, out_dir, source_dir=source_dir, image_size=image_size, val_fraction=val_fraction)
+    plans, _ = plan_splits(
+        name, source_dir=source_dir, num_samples=None, image_size=image_size, val_fraction=val_fraction
+    )
+    union = _Concat(
+        _Subset(plans["train"].pool, plans["train"].indices), _Subset(plans["val"].pool, plans["val"].indices)
+    )
+    jpeg = name == "imagefolder" or (name == "synthetic" and (image_size or 32) > 64)
+    return write_beton(
+        path,
+        union,
+        jpeg=jpeg,
+        max_side=max_side if name == "imagefolder" else None,
+        quality=jpeg_quality,
+        with_index=True,
+    )
