@@ -24,7 +24,13 @@ def _case_param(name: str, norm: str):
     return pytest.param((name, norm), id=f"{name}-{norm}", marks=marks)
 
 
-CASES = [_case_param(name, norm) for name in list_models() for norm in model_info(name).norms]
+# Aliases (knresnet18 = resnet18 with "kn") are the same models: tests/models/test_registry.py checks that.
+CASES = [
+    _case_param(name, norm)
+    for name in list_models()
+    if model_info(name).alias_of is None
+    for norm in model_info(name).norms
+]
 
 
 def _outputs(out) -> tuple[torch.Tensor, ...]:
