@@ -71,8 +71,9 @@ class KN:
     ) -> KNConv2d:
         """A KNConv2d (always with bias: nothing after it re-centres the output)."""
         return KNConv2d(
-            cin, cout, kernel_size, stride, padding, groups, dropout_p=self.dropout_p, eval_dropout=self.eval_dropout
-        )
+            cin, cout, kernel_size, stride=stride, padding=padding, groups=groups, dropout_p=self.dropout_p,
+            eval_dropout=self.eval_dropout,
+        )  # fmt: skip
 
     def norm(self, kernel_size: Size2, stride: Size2 = 1) -> KernelNorm2d:
         """A KernelNorm2d with the statistics dropout."""

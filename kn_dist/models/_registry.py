@@ -5,8 +5,9 @@ validated norm string and turns it into layers with `kn_dist.layers.get_norm_lay
 
 An entrypoint is `fn(norm, num_classes, args)` where `args` is annotated with a frozen dataclass of
 the keyword arguments it takes (`kn_dist.models._options`): `create_model` builds that dataclass from
-its keyword arguments, refusing unknown ones. A plain `fn(norm, num_classes, **named options)` works
-too; its own parameters are then the valid keyword arguments.
+its keyword arguments, refusing unknown ones. A plain `fn(norm, num_classes, option=default, ...)` works
+too; its named parameters are then the valid keyword arguments (a bare **kwargs is refused: it would
+let unknown keys through). `register_alias` gives a registered model a second name.
 """
 
 import dataclasses
