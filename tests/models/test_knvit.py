@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torchvision
 
 from kn_dist.models import create_model
+from kn_dist.models.vit import VisionTransformer, token_norm_factory
 
 DIM, DEPTH, HEADS, MLP, EPS = 784, 16, 14, 3072, 1e-5
 
@@ -55,7 +56,7 @@ def test_layernorm_baseline_parameter_count_equals_torchvision(patch):
     assert _count(ours) == _count(theirs)
 
 
-def _to_torchvision(state: dict) -> dict:
+def _to_torchvision(state: dict, depth: int = DEPTH) -> dict:
     """Our ViT state dict under torchvision's names (the same tensors)."""
     out = {
         "conv_proj.weight": state["patch_embed.weight"],
@@ -74,7 +75,7 @@ def _to_torchvision(state: dict) -> dict:
         "mlp.0": "mlp.0",
         "mlp.3": "mlp.3",
     }
-    for i in range(DEPTH):
+    for i in range(depth):
         src, dst = f"encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
         for theirs, ours in pairs.items():
             for kind in ("weight", "bias"):
@@ -90,6 +91,18 @@ def _randomise_zero_init(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for param in (model.head.weight, model.head.bias, model.cls_token):
             param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def test_small_layernorm_vit_equals_torchvision_with_the_same_weights():
+    torch.manual_seed(0)
+    ours = VisionTransformer(32, 8, 64, 2, 4, 96, 7, token_norm_factory("ln", (4, 4))).eval()
+    _randomise_zero_init(ours)
+    with torch.device("meta"):
+        theirs = torchvision.models.VisionTransformer(32, 8, 2, 4, 64, 96, num_classes=7)
+    theirs.load_state_dict(_to_torchvision(ours.state_dict(), depth=2), strict=True, assign=True)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
