@@ -2,10 +2,18 @@
 
 A norm is chosen by name only here, at the edge (STYLE.md habit 1): each entrypoint receives the
 validated norm string and turns it into layers with `kn_dist.layers.get_norm_layer`.
+
+An entrypoint is `fn(norm, num_classes, args)` where `args` is annotated with a frozen dataclass of
+the keyword arguments it takes (`kn_dist.models._options`): `create_model` builds that dataclass from
+its keyword arguments, refusing unknown ones. A plain `fn(norm, num_classes, option=default, ...)` works
+too; its named parameters are then the valid keyword arguments (a bare **kwargs is refused: it would
+let unknown keys through). `register_alias` gives a registered model a second name.
 """
 
+import dataclasses
 import functools
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +37,9 @@ class ModelInfo:
     # smallest cheap square input the registry-driven tests may use (None: input_size); for
     # ImageNet-size models whose geometry also works at e.g. 64 px, so CPU tests stay fast
     test_input_size: int | None = None
+    arguments: tuple[str, ...] = ()  # the keyword arguments create_model accepts besides norm / num_classes
+    args_type: type | None = None  # the dataclass the entrypoint's `args` parameter is built as (None: plain)
+    alias_of: str | None = None  # `register_alias`: the model this name builds (with its one norm)
 
 
 _MODELS: dict[str, ModelInfo] = {}
@@ -43,7 +54,7 @@ def register_model(
     num_classes: int | None = None,
     test_input_size: int | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register `fn(norm: str, num_classes: int, **kwargs) -> nn.Module` under its name.
+    """Decorator: register `fn(norm: str, num_classes: int, args: SomeArgs) -> nn.Module` under its name.
 
     `test_input_size` (optional) is a smaller input at which the model's geometry still works; the
     registry-driven tests use it instead of `input_size` to keep CPU tests cheap.
@@ -56,10 +67,35 @@ def register_model(
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered; model names must be unique")
         classes = num_classes if num_classes is not None else (1000 if input_size >= 128 else 10)
-        _MODELS[name] = ModelInfo(name, family, tuple(norms), default_norm, input_size, classes, fn, test_input_size)
+        args_type, arguments = _arguments(fn)
+        _MODELS[name] = ModelInfo(
+            name, family, tuple(norms), default_norm, input_size, classes, fn, test_input_size, arguments, args_type
+        )
         return fn
 
     return decorator
+
+
+def register_alias(name: str, target: str, norm: str, doc: str) -> Callable[..., nn.Module]:
+    """Register `name` as registered model `target` built with `norm` only (knresnet18 = resnet18 with "kn").
+
+    The alias takes the target's keyword arguments, sizes and head; `doc` is its one-line description.
+    """
+    info = model_info(target)
+    if norm not in info.norms:
+        raise ValueError(f"alias {name!r}: model {target!r} has no norm {norm!r}")
+
+    def entrypoint(norm: str, num_classes: int, **kwargs) -> nn.Module:
+        return info.fn(norm=norm, num_classes=num_classes, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = doc
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered; model names must be unique")
+    _MODELS[name] = dataclasses.replace(
+        info, name=name, norms=(norm,), default_norm=norm, fn=entrypoint, alias_of=target
+    )
+    return entrypoint
 
 
 def list_models(family: str | None = None) -> list[str]:
@@ -78,36 +114,33 @@ def create_model(name: str, norm: str | None = None, num_classes: int | None = N
     """Build model `name` with normalisation `norm` (None: the published one).
 
     Extra keyword arguments go to the entrypoint (e.g. KernelNorm kernel size / dropout), so a
-    sweep can search them; an entrypoint refuses geometry that cannot work with a ValueError.
+    sweep can search them; an unknown one, or geometry that cannot work, is a ValueError.
     """
     info = model_info(name)
     norm = info.default_norm if norm is None else norm
     if norm not in info.norms:
         raise ValueError(f"model {name!r} does not support norm {norm!r}; valid norms are: {', '.join(info.norms)}")
-    params = inspect.signature(info.fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        valid = [n for n in params if n not in ("norm", "num_classes")]
-        unknown = sorted(set(kwargs) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"model {name!r} has no argument {', '.join(map(repr, unknown))}; valid arguments are: "
-                f"{', '.join(valid) or '(none)'}"
-            )
-    return info.fn(norm=norm, num_classes=info.num_classes if num_classes is None else num_classes, **kwargs)
-
-
-def refuse_kn_kwargs(model: str, norm: str, kn_norms: tuple[str, ...], **kn_kwargs) -> None:
-    """Refuse KernelNorm hyperparameters given to a model built without KernelNorm.
-
-    Entrypoints default their `kn_*` arguments to None; a value set with a norm that does not use it
-    would otherwise be silently ignored (STYLE.md: no silently ignored keys).
-    """
-    given = [k for k, v in kn_kwargs.items() if v is not None]
-    if given and norm not in kn_norms:
+    unknown = sorted(set(kwargs) - set(info.arguments))
+    if unknown:
         raise ValueError(
-            f"{model}: KernelNorm argument(s) {', '.join(given)} apply only to norm "
-            f"{' or '.join(map(repr, kn_norms))}, not norm {norm!r}"
+            f"model {name!r} has no argument {', '.join(map(repr, unknown))}; valid arguments are: "
+            f"{', '.join(info.arguments) or '(none)'}"
         )
+    num_classes = info.num_classes if num_classes is None else num_classes
+    if info.args_type is not None:
+        return info.fn(norm=norm, num_classes=num_classes, args=info.args_type(**kwargs))
+    return info.fn(norm=norm, num_classes=num_classes, **kwargs)
+
+
+def _arguments(fn: Callable[..., nn.Module]) -> tuple[type | None, tuple[str, ...]]:
+    """(the dataclass of fn's `args` parameter or None, the keyword arguments create_model accepts)."""
+    args_type = typing.get_type_hints(fn).get("args")
+    if dataclasses.is_dataclass(args_type):
+        return args_type, tuple(f.name for f in dataclasses.fields(args_type))
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"entrypoint {fn.__name__}: declare its options (an `args` dataclass), not **kwargs")
+    return None, tuple(n for n in params if n not in ("norm", "num_classes"))
 
 
 def check_geometry(build: Callable[[], nn.Module], input_size: int, model: str) -> None:

@@ -8,13 +8,17 @@ Conformer, conformer.py / models.py); this is a re-implementation, not a copy. T
 paper; eval returns their sum.
 
 Norms (DESIGN.md §4):
-- "bn+ln" (published): BatchNorm after every CNN-branch conv and the FCUUp projection, LayerNorm in
+- "bn+ln" (published): BatchNorm after every CNN-branch conv and the FCUUp projection (eps 1e-6 as the
+  authors' ConvBlock / FCUUp; the stem's keeps PyTorch's default 1e-5, as their `self.bn1`), LayerNorm in
   the transformer branch and in FCUDown (per position, on the pooled map).
 - "kn": every CNN-branch conv + BN and the FCUUp projection + BN become a KNConv2d with the conv's own
   geometry (KernelNorm of the conv's input, fused); the FCUDown LayerNorm becomes KernelNorm2d
   (k×k / k) on the pooled map before flattening; transformer LayerNorms become `KernelNormTokens`
   (k×k token windows, class token per token), as in the ViT "kn" variant.
 - The CIFAR stem (3×3 stride 1, no max-pool) keeps 32×32 maps in stage 1, giving an 8×8 token grid.
+
+The authors train with stochastic depth 0.1 (main.py `--drop-path 0.1`, linear over the blocks); the
+model's `drop_path_rate` defaults to 0 as their model class does, and the shipped recipes set 0.1.
 """
 
 from collections.abc import Callable
@@ -23,28 +27,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kn_dist.layers import KernelNorm2d, KNConv2d, LayerNorm2d
-from kn_dist.models._registry import refuse_kn_kwargs, register_model
+from kn_dist.layers import LayerNorm2d
+from kn_dist.models._options import KN, TransformerArgs, resolve_kn
+from kn_dist.models._registry import register_model
 from kn_dist.models.vit import Block, NormFactory, token_norm_factory
 
 # (in_channels, out_channels, kernel_size, stride, padding, bias) -> conv followed by its norm
 ConvNormFactory = Callable[..., nn.Module]
 
 
-def conv_norm_factory(norm: str, *, kn_dropout_p: float = 0.05, kn_eval_dropout: bool = False) -> ConvNormFactory:
+def conv_norm_factory(norm: str, kn: KN, *, bn_eps: float = 1e-6) -> ConvNormFactory:
     """CNN-branch conv + norm for a Conformer norm name (the only place the string is looked at)."""
     if norm == "bn+ln":
 
         def conv_bn(cin: int, cout: int, k: int, s: int = 1, p: int = 0, bias: bool = False) -> nn.Module:
-            # BN eps 1e-6 as in the authors' ConvBlock / FCUUp
-            return nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=bias), nn.BatchNorm2d(cout, eps=1e-6))
+            return nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=bias), nn.BatchNorm2d(cout, eps=bn_eps))
 
         return conv_bn
     if norm == "kn":
 
         def kn_conv(cin: int, cout: int, k: int, s: int = 1, p: int = 0, bias: bool = False) -> nn.Module:
             # KNConv always has a bias: nothing after it re-centres the output (no BN beta)
-            return KNConv2d(cin, cout, k, s, p, bias=True, dropout_p=kn_dropout_p, eval_dropout=kn_eval_dropout)
+            return kn.conv(cin, cout, k, s, p)
 
         return kn_conv
     raise ValueError(f"unknown Conformer norm {norm!r}; valid: bn+ln, kn")
@@ -150,6 +154,7 @@ class Conformer(nn.Module):
     def __init__(
         self,
         num_classes: int,
+        stem_conv_norm: ConvNormFactory,
         conv_norm: ConvNormFactory,
         token_norm: NormFactory,
         final_token_norm: NormFactory,
@@ -175,10 +180,9 @@ class Conformer(nn.Module):
         trans_kw = dict(dropout=dropout, attention_dropout=attention_dropout)
 
         if cifar_stem:  # 3×3 stride 1, no max-pool: stage 1 keeps the 32×32 input resolution
-            self.stem = nn.Sequential(conv_norm(3, 64, 3, 1, 1), nn.ReLU())
+            self.stem = nn.Sequential(stem_conv_norm(3, 64, 3, 1, 1), nn.ReLU())
         else:  # ResNet stem: 7×7 stride 2 + 3×3 max-pool stride 2 (1/4 resolution)
-            stem_conv = conv_norm(3, 64, 7, 2, 3)
-            self.stem = nn.Sequential(stem_conv, nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(stem_conv_norm(3, 64, 7, 2, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.conv_1 = ConvBlock(64, stage_channels[0], 1, True, conv_norm)
@@ -248,123 +252,64 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def _conformer(
-    name: str,
-    norm: str,
-    num_classes: int,
-    channel_ratio: int,
-    cifar_stem: bool,
-    input_size: int | None,
-    kn_kernel_size: int | None,
-    kn_stride: int | None,
-    kn_dropout_p: float | None,
-    kn_eval_dropout: bool | None,
-    dropout: float,
-    attention_dropout: float,
-    drop_path_rate: float,
+    name: str, norm: str, num_classes: int, channel_ratio: int, cifar_stem: bool, args: TransformerArgs
 ) -> Conformer:
-    kn = dict(
-        kn_kernel_size=kn_kernel_size, kn_stride=kn_stride, kn_dropout_p=kn_dropout_p, kn_eval_dropout=kn_eval_dropout
-    )
-    refuse_kn_kwargs(name, norm, ("kn",), **kn)
-    k = 2 if kn_kernel_size is None else kn_kernel_size
-    p = 0.05 if kn_dropout_p is None else kn_dropout_p
-    eval_dropout = bool(kn_eval_dropout)
-    input_size = (32 if cifar_stem else 224) if input_size is None else input_size
+    kn = resolve_kn(name, norm, args, ("kn",))
+    input_size = (32 if cifar_stem else 224) if args.input_size is None else args.input_size
     stem_factor = 1 if cifar_stem else 4
     # the token grid is the stage-1 map / 4, and stages 2-3 halve the map twice: both need ÷ 4
     if input_size % (stem_factor * 4):
         raise ValueError(f"{name}: input_size={input_size} must be divisible by {stem_factor * 4}")
     grid = (input_size // stem_factor // 4,) * 2
     token = "kn" if norm == "kn" else "ln"
-    token_kw = dict(kn_kernel_size=k, kn_stride=kn_stride, kn_dropout_p=p, kn_eval_dropout=eval_dropout)
-    token_norm = token_norm_factory(token, grid, **token_kw)  # raises on impossible token geometry
+    token_norm = token_norm_factory(token, grid, kn)  # raises on impossible token geometry
     # the authors' final norm is nn.LayerNorm with the default eps 1e-5; block norms use 1e-6
-    final_norm = token_norm_factory(token, grid, ln_eps=1e-5, **token_kw)
+    final_norm = token_norm_factory(token, grid, kn, ln_eps=1e-5)
     if norm == "kn":
 
         def map_norm(dim: int) -> nn.Module:
             # k×k / k KernelNorm keeps the h×w grid (token_norm_factory has checked that k divides it)
-            return KernelNorm2d(k, k, dropout_p=p, eval_dropout=eval_dropout)
+            return kn.norm(kn.kernel_size, kn.kernel_size)
 
     else:
 
         def map_norm(dim: int) -> nn.Module:
             return LayerNorm2d(dim, eps=1e-6)  # per-position LayerNorm, as the authors' LN on tokens
 
-    conv_norm = conv_norm_factory(norm, kn_dropout_p=p, kn_eval_dropout=eval_dropout)
+    stem_conv_norm = conv_norm_factory(norm, kn, bn_eps=1e-5)  # the stem's nn.BatchNorm2d(64): default eps
     return Conformer(
-        num_classes, conv_norm, token_norm, final_norm, map_norm, channel_ratio=channel_ratio, cifar_stem=cifar_stem,
-        dropout=dropout, attention_dropout=attention_dropout, drop_path_rate=drop_path_rate,
+        num_classes, stem_conv_norm, conv_norm_factory(norm, kn), token_norm, final_norm, map_norm,
+        channel_ratio=channel_ratio, cifar_stem=cifar_stem, dropout=args.dropout,
+        attention_dropout=args.attention_dropout, drop_path_rate=args.drop_path_rate or 0.0,
     )  # fmt: skip
 
 
 _NORMS = ("bn+ln", "kn")
 
-# Every entrypoint takes the same options (None: the default in brackets):
+# Every entrypoint takes `TransformerArgs` (None: the default in brackets):
 #   input_size        square input resolution [registered size]; must divide by 16 (by 4 with the CIFAR stem)
 #   kn_kernel_size    KernelNorm window on the token grid (transformer norms and FCUDown) [2]; CNN-branch
 #                     KNConvs take the geometry of the conv they replace
 #   kn_stride         must equal kn_kernel_size [= kernel]
 #   kn_dropout_p      dropout on every KernelNorm's statistics [0.05]
 #   kn_eval_dropout   keep that dropout on in eval, as the official KernelNorm code does [False]
-#   dropout, attention_dropout, drop_path_rate   transformer-branch regularisers [0]
+#   dropout, attention_dropout, drop_path_rate   transformer-branch regularisers [0; the authors train with
+#                     drop_path_rate 0.1]
 
 
 @register_model(family="conformer", norms=_NORMS, default_norm="bn+ln", input_size=224, test_input_size=64)
-def conformer_tiny(
-    norm: str,
-    num_classes: int,
-    input_size: int | None = None,
-    kn_kernel_size: int | None = None,
-    kn_stride: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_eval_dropout: bool | None = None,
-    dropout: float = 0.0,
-    attention_dropout: float = 0.0,
-    drop_path_rate: float = 0.0,
-) -> Conformer:
+def conformer_tiny(norm: str, num_classes: int, args: TransformerArgs) -> Conformer:
     """Conformer-Ti/16: channel ratio 1, embed 384, depth 12, 6 heads (23.5 M params published)."""
-    return _conformer(
-        "conformer_tiny", norm, num_classes, 1, False, input_size, kn_kernel_size, kn_stride, kn_dropout_p,
-        kn_eval_dropout, dropout, attention_dropout, drop_path_rate,
-    )  # fmt: skip
+    return _conformer("conformer_tiny", norm, num_classes, 1, False, args)
 
 
 @register_model(family="conformer", norms=_NORMS, default_norm="bn+ln", input_size=224, test_input_size=64)
-def conformer_small(
-    norm: str,
-    num_classes: int,
-    input_size: int | None = None,
-    kn_kernel_size: int | None = None,
-    kn_stride: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_eval_dropout: bool | None = None,
-    dropout: float = 0.0,
-    attention_dropout: float = 0.0,
-    drop_path_rate: float = 0.0,
-) -> Conformer:
+def conformer_small(norm: str, num_classes: int, args: TransformerArgs) -> Conformer:
     """Conformer-S/16: channel ratio 4, embed 384, depth 12, 6 heads (37.7 M params published)."""
-    return _conformer(
-        "conformer_small", norm, num_classes, 4, False, input_size, kn_kernel_size, kn_stride, kn_dropout_p,
-        kn_eval_dropout, dropout, attention_dropout, drop_path_rate,
-    )  # fmt: skip
+    return _conformer("conformer_small", norm, num_classes, 4, False, args)
 
 
 @register_model(family="conformer", norms=_NORMS, default_norm="bn+ln", input_size=32)
-def conformer_tiny_cifar(
-    norm: str,
-    num_classes: int,
-    input_size: int | None = None,
-    kn_kernel_size: int | None = None,
-    kn_stride: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_eval_dropout: bool | None = None,
-    dropout: float = 0.0,
-    attention_dropout: float = 0.0,
-    drop_path_rate: float = 0.0,
-) -> Conformer:
+def conformer_tiny_cifar(norm: str, num_classes: int, args: TransformerArgs) -> Conformer:
     """Conformer-Ti with the CIFAR stem (3×3 stride 1, no max-pool): 8×8 tokens at 32×32 input."""
-    return _conformer(
-        "conformer_tiny_cifar", norm, num_classes, 1, True, input_size, kn_kernel_size, kn_stride, kn_dropout_p,
-        kn_eval_dropout, dropout, attention_dropout, drop_path_rate,
-    )  # fmt: skip
+    return _conformer("conformer_tiny_cifar", norm, num_classes, 1, True, args)

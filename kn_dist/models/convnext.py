@@ -10,11 +10,12 @@ Liu et al., "A ConvNet for the 2020s", CVPR 2022, in torchvision's layout (modul
   block's LayerNorm is fused into its 7x7 depthwise conv as a KNConv (groups = C; the statistics
   cover all channels of the window), and the head LayerNorm becomes a 1x1 KernelNorm.
 
-KernelNorm arguments (None means the default):
+Keyword arguments (`CNNArgs`; None means the default):
     kn_kernel_size     downsampler KNConv kernel, stride 2, padding (k-1)//2 (default 2; kn_down, kn)
     kn_dropout_p       dropout on the statistics of every KNConv (default 0.1, the authors'; kn_down, kn)
     kn_head_dropout_p  dropout of the head's 1x1 KernelNorm (default 0.1; kn only)
-Every entrypoint also takes `input_size` (default: the registered size) to check the geometry.
+    kn_eval_dropout    keep KernelNorm's dropout on in eval, as the official code does (default False)
+    input_size         the input the geometry is checked at (default: the registered size)
 """
 
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kn_dist.layers import KernelNorm2d, KNConv2d, LayerNorm2d
-from kn_dist.models._registry import check_geometry, refuse_kn_kwargs, register_model
+from kn_dist.layers import LayerNorm2d
+from kn_dist.models._options import KN, CNNArgs, resolve_kn
+from kn_dist.models._registry import check_geometry, register_model
 
 Factory = Callable[..., nn.Module]
 
@@ -80,11 +82,10 @@ class _Parts:
     head_norm: Factory  # (dim) -> norm on (N, C, 1, 1)
 
 
-def _parts(norm: str, k: int, p: float, head_p: float) -> _Parts:
+def _parts(norm: str, kn: KN) -> _Parts:
+    k = kn.kernel_size
     ln_stem = lambda cin, cout, s: nn.Sequential(nn.Conv2d(cin, cout, s, s), LayerNorm2d(cout))  # noqa: E731
-    kn_down = lambda cin, cout: nn.Sequential(  # noqa: E731
-        nn.ReLU(), KNConv2d(cin, cout, k, stride=2, padding=(k - 1) // 2, dropout_p=p)
-    )
+    kn_down = lambda cin, cout: nn.Sequential(nn.ReLU(), kn.conv(cin, cout, k, stride=2, padding=(k - 1) // 2))  # noqa: E731
     dw = lambda dim: nn.Conv2d(dim, dim, 7, padding=3, groups=dim)  # noqa: E731
     block_ln = lambda dim: nn.LayerNorm(dim, eps=1e-6)  # noqa: E731
     if norm == "ln":
@@ -93,11 +94,11 @@ def _parts(norm: str, k: int, p: float, head_p: float) -> _Parts:
     if norm == "kn_down":
         return _Parts(ln_stem, kn_down, dw, block_ln, LayerNorm2d)
     return _Parts(
-        stem=lambda cin, cout, s: nn.Sequential(KNConv2d(cin, cout, s, s, dropout_p=p)),
+        stem=lambda cin, cout, s: nn.Sequential(kn.conv(cin, cout, s, s)),
         down=kn_down,
-        dwconv=lambda dim: KNConv2d(dim, dim, 7, padding=3, groups=dim, dropout_p=p),
+        dwconv=lambda dim: kn.conv(dim, dim, 7, padding=3, groups=dim),
         block_norm=lambda dim: nn.Identity(),  # fused into the depthwise KNConv
-        head_norm=lambda dim: KernelNorm2d(1, dropout_p=head_p),
+        head_norm=lambda dim: kn.head(),
     )
 
 
@@ -145,58 +146,27 @@ class ConvNeXt(nn.Module):
 _NORMS = ("ln", "kn_down", "kn")
 
 
-def _convnext(
-    name: str,
-    arch: dict,
-    default_size: int,
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None,
-    kn_dropout_p: float | None,
-    kn_head_dropout_p: float | None,
-    input_size: int | None,
-) -> nn.Module:
-    refuse_kn_kwargs(name, norm, ("kn_down", "kn"), kn_kernel_size=kn_kernel_size, kn_dropout_p=kn_dropout_p)
-    refuse_kn_kwargs(name, norm, ("kn",), kn_head_dropout_p=kn_head_dropout_p)
-    k = 2 if kn_kernel_size is None else kn_kernel_size
-    if not isinstance(k, int) or k < 2:
-        raise ValueError(f"{name}: kn_kernel_size={k!r} must be an int >= 2 (the downsamplers have stride 2)")
-    p = 0.1 if kn_dropout_p is None else kn_dropout_p
-    hp = 0.1 if kn_head_dropout_p is None else kn_head_dropout_p
-    parts = _parts(norm, k, p, hp)
+def _convnext(name: str, arch: dict, default_size: int, norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
+    # the authors' KN-ConvNeXt downsamplers: 2x2/2 KNConv with dropout 0.1 (knconvnext.py); k >= 2 keeps stride 2
+    kn = resolve_kn(
+        name, norm, args, ("kn_down", "kn"), min_kernel_size=2, dropout_p=0.1, head_dropout_p=0.1, head_norms=("kn",)
+    )
+    parts = _parts(norm, kn)
     build: Callable[[], nn.Module] = lambda: ConvNeXt(**arch, num_classes=num_classes, parts=parts)  # noqa: E731
-    check_geometry(build, input_size or default_size, name)
+    check_geometry(build, args.input_size or default_size, name)
     return build()
 
 
 @register_model(family="convnext", norms=_NORMS, default_norm="ln", input_size=224, test_input_size=32)
-def convnext_tiny(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+def convnext_tiny(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ConvNeXt-T (dims 96-192-384-768, depths 3-3-9-3, 4x4 stem, stochastic depth 0.1), 224 px."""
     arch = dict(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3), stem_patch=4, stochastic_depth_prob=0.1)
-    return _convnext(
-        "convnext_tiny", arch, 224, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _convnext("convnext_tiny", arch, 224, norm, num_classes, args)
 
 
 @register_model(family="convnext", norms=_NORMS, default_norm="ln", input_size=32, test_input_size=16)
-def convnext_cifar(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+def convnext_cifar(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """CIFAR ConvNeXt: ConvNeXt-Pico widths (64-128-256-512, depths 2-2-6-2) with a 2x2 stem, so the
     stages see 16, 8, 4, 2 px at 32 px input; stochastic depth 0.1."""
     arch = dict(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), stem_patch=2, stochastic_depth_prob=0.1)
-    return _convnext(
-        "convnext_cifar", arch, 32, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _convnext("convnext_cifar", arch, 32, norm, num_classes, args)

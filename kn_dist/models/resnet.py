@@ -8,20 +8,24 @@ models/knresnet/knresnet.py): pre-activation ReLU -> KNConv (with bias) blocks w
 come in pairs padded 1 then 0 (so the pair keeps the map size), max-pool transitions, identity
 shortcuts and a 1x1 KernelNorm -> ReLU -> global-average-pool -> FC head.
 
-KernelNorm arguments (norm="kn" only; None means the paper's value):
+Keyword arguments (`CNNArgs`; the kn_* ones with norm="kn" only, None means the official value):
     kn_kernel_size     kernel of the paired KNConvs and transitions (paper: 2; odd k pads k//2 both times)
     kn_dropout_p       dropout on the statistics of every KNConv (paper: 0.05)
-    kn_head_dropout_p  dropout of the final 1x1 KernelNorm (paper: 0.25)
-Every entrypoint also takes `input_size` (default: the registered size) to check the geometry.
+    kn_head_dropout_p  dropout of the final 1x1 KernelNorm; by default min(5 * kn_dropout_p, 0.25) as in
+                       the official code (0.25 at the paper's 0.05)
+    kn_eval_dropout    keep KernelNorm's dropout on in eval, as the official code does (default False)
+    input_size         the input the geometry is checked at (default: the registered size)
 """
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from kn_dist.layers import KernelNorm2d, KNConv2d, get_norm_layer
-from kn_dist.models._registry import check_geometry, refuse_kn_kwargs, register_model
+from kn_dist.layers import KNConv2d, get_norm_layer
+from kn_dist.models._options import KN, CNNArgs, resolve_kn
+from kn_dist.models._registry import check_geometry, register_alias, register_model
 
 NormFn = Callable[[int], nn.Module]
 
@@ -125,13 +129,13 @@ class ResNet(nn.Module):
 # KNResNet (the paper's; no norm layers, KernelNorm fused into every conv)
 
 
-def _kn_conv(cin: int, cout: int, k: int, pad: tuple[int, int, int, int], dropout_p: float) -> nn.Module:
+def _kn_conv(cin: int, cout: int, k: int, pad: tuple[int, int, int, int], kn: KN) -> nn.Module:
     """KNConv2d with (left, right, top, bottom) zero padding; asymmetric padding goes in a ZeroPad2d,
     which is the same thing because padded zeros count in KernelNorm's statistics either way."""
     left, right, top, bottom = pad
     if left == right and top == bottom:
-        return KNConv2d(cin, cout, k, padding=(top, left), dropout_p=dropout_p)
-    return nn.Sequential(nn.ZeroPad2d(pad), KNConv2d(cin, cout, k, dropout_p=dropout_p))
+        return kn.conv(cin, cout, k, padding=(top, left))
+    return nn.Sequential(nn.ZeroPad2d(pad), kn.conv(cin, cout, k))
 
 
 class KNResidualBlock(nn.Module):
@@ -141,7 +145,7 @@ class KNResidualBlock(nn.Module):
     paper's k = 2 that is padding 1 (H -> H+1) then 0 (H+1 -> H).
     """
 
-    def __init__(self, channels: int, inter: int, k: int, bottleneck: bool, dropout_p: float) -> None:
+    def __init__(self, channels: int, inter: int, k: int, bottleneck: bool, kn: KN) -> None:
         super().__init__()
         first, last = (k // 2,) * 4, ((k - 1) // 2,) * 4
         if bottleneck:
@@ -149,7 +153,7 @@ class KNResidualBlock(nn.Module):
         else:
             specs = [(channels, inter, k, first), (inter, channels, k, last)]
         self.body = nn.Sequential(
-            *(m for cin, cout, kk, pad in specs for m in (nn.ReLU(), _kn_conv(cin, cout, kk, pad, dropout_p)))
+            *(m for cin, cout, kk, pad in specs for m in (nn.ReLU(), _kn_conv(cin, cout, kk, pad, kn)))
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,17 +178,15 @@ class KNResNet(nn.Module):
         final_channels: int | None,
         num_classes: int,
         cifar: bool,
-        kernel_size: int,
-        dropout_p: float,
-        head_dropout_p: float,
+        kn: KN,
     ) -> None:
         super().__init__()
-        k = kernel_size
+        k = kn.kernel_size
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if cifar:
-            layers["stem"] = KNConv2d(3, stem_channels, 3, padding=1, dropout_p=dropout_p)
+            layers["stem"] = kn.conv(3, stem_channels, 3, padding=1)
         else:
-            layers["stem"] = KNConv2d(3, stem_channels, 7, stride=2, padding=3, dropout_p=dropout_p)
+            layers["stem"] = kn.conv(3, stem_channels, 7, stride=2, padding=3)
             layers["stem_pool"] = nn.MaxPool2d(3, 2, 1)
         last = len(stages) - 1
         for i, (blocks, channels, inter) in enumerate(stages):
@@ -196,21 +198,21 @@ class KNResNet(nn.Module):
                 if i == last and final_channels is not None and not cifar:
                     lo, hi = lo + 1, hi + 1
                 layers[f"trans{i}"] = nn.Sequential(
-                    nn.ReLU(), _kn_conv(stages[i - 1][1], channels, kt, (lo, hi, lo, hi), dropout_p), nn.MaxPool2d(2)
+                    nn.ReLU(), _kn_conv(stages[i - 1][1], channels, kt, (lo, hi, lo, hi), kn), nn.MaxPool2d(2)
                 )
             kb = 1 if (bottleneck and i == last) else k
             layers[f"stage{i + 1}"] = nn.Sequential(
-                *(KNResidualBlock(channels, inter, kb, bottleneck, dropout_p) for _ in range(blocks))
+                *(KNResidualBlock(channels, inter, kb, bottleneck, kn) for _ in range(blocks))
             )
         width = stages[-1][1]
         if final_channels is not None:
             pad = k // 2 if cifar else (k - 1) // 2
             layers["final_pool"] = nn.MaxPool2d(2)
             layers["final_relu"] = nn.ReLU()
-            layers["final_conv"] = KNConv2d(width, final_channels, k, padding=pad, dropout_p=dropout_p)
+            layers["final_conv"] = kn.conv(width, final_channels, k, padding=pad)
             width = final_channels
         self.features = nn.Sequential(layers)
-        self.head_norm = KernelNorm2d(1, dropout_p=head_dropout_p)
+        self.head_norm = kn.head()
         self.head_relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
@@ -237,213 +239,69 @@ _KN_SPECS = {
 _TV_SPECS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]), 50: (Bottleneck, [3, 4, 6, 3])}
 
 
-def _resnet(
-    name: str,
-    depth: int,
-    cifar: bool,
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None,
-    kn_dropout_p: float | None,
-    kn_head_dropout_p: float | None,
-    input_size: int | None,
-) -> nn.Module:
-    refuse_kn_kwargs(
-        name,
-        norm,
-        ("kn",),
-        kn_kernel_size=kn_kernel_size,
-        kn_dropout_p=kn_dropout_p,
-        kn_head_dropout_p=kn_head_dropout_p,
-    )
+def _resnet(name: str, depth: int, cifar: bool, norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
+    # official code (knresnet.py): the head KernelNorm's dropout is min(5 * dropout_p, 0.25)
+    kn = resolve_kn(name, norm, args, ("kn",), kernel_size=2, head_dropout_p=lambda p: min(5 * p, 0.25))
     if norm == "kn":
-        k = 2 if kn_kernel_size is None else kn_kernel_size
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"{name}: kn_kernel_size={k!r} must be a positive int (paper: 2)")
         stem, stages, bottleneck, final = _KN_SPECS[depth]
-        p = 0.05 if kn_dropout_p is None else kn_dropout_p
-        hp = 0.25 if kn_head_dropout_p is None else kn_head_dropout_p
 
         def build() -> nn.Module:
-            return KNResNet(stem, stages, bottleneck, final, num_classes, cifar, k, p, hp)
+            return KNResNet(stem, stages, bottleneck, final, num_classes, cifar, kn)
     else:
         block, layers = _TV_SPECS[depth]
 
         def build() -> nn.Module:
             return ResNet(block, layers, num_classes, get_norm_layer(norm), cifar)
 
-    check_geometry(build, input_size or (32 if cifar else 224), name)
+    check_geometry(build, args.input_size or (32 if cifar else 224), name)
     return build()
 
 
 _NORMS = ("bn", "gn", "ln", "kn")
+_register = functools.partial(register_model, family="resnet", norms=_NORMS, default_norm="bn")
 
 
 # ImageNet-size: tests run them at 96 px (the smallest input KNResNet-18/34's geometry takes) or 32.
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=96)
-def resnet18(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+@_register(input_size=224, test_input_size=96)
+def resnet18(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-18 (224 px); norm="kn" is KNResNet-18."""
-    return _resnet(
-        "resnet18", 18, False, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _resnet("resnet18", 18, False, norm, num_classes, args)
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=96)
-def resnet34(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+@_register(input_size=224, test_input_size=96)
+def resnet34(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-34 (224 px); norm="kn" is KNResNet-34."""
-    return _resnet(
-        "resnet34", 34, False, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _resnet("resnet34", 34, False, norm, num_classes, args)
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=224, test_input_size=32)
-def resnet50(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+@_register(input_size=224, test_input_size=32)
+def resnet50(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-50 (224 px); norm="kn" is KNResNet-50."""
-    return _resnet(
-        "resnet50", 50, False, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _resnet("resnet50", 50, False, norm, num_classes, args)
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32, test_input_size=16)
-def resnet18_cifar(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+@_register(input_size=32, test_input_size=16)
+def resnet18_cifar(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-18 with the 3x3/1 stem for 32 px; norm="kn" is the paper's CIFAR KNResNet-18."""
-    return _resnet(
-        "resnet18_cifar", 18, True, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _resnet("resnet18_cifar", 18, True, norm, num_classes, args)
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32, test_input_size=16)
-def resnet34_cifar(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+@_register(input_size=32, test_input_size=16)
+def resnet34_cifar(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-34 with the 3x3/1 stem for 32 px; norm="kn" is the paper's CIFAR KNResNet-34."""
-    return _resnet(
-        "resnet34_cifar", 34, True, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _resnet("resnet34_cifar", 34, True, norm, num_classes, args)
 
 
-@register_model(family="resnet", norms=_NORMS, default_norm="bn", input_size=32, test_input_size=16)
-def resnet50_cifar(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
+@_register(input_size=32, test_input_size=16)
+def resnet50_cifar(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-50 with the 3x3/1 stem for 32 px; norm="kn" is the paper's CIFAR KNResNet-50."""
-    return _resnet(
-        "resnet50_cifar", 50, True, norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size
-    )
+    return _resnet("resnet50_cifar", 50, True, norm, num_classes, args)
 
 
 # The paper's names: the same models, KernelNorm only.
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=224, test_input_size=96)
-def knresnet18(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
-    """KNResNet-18 (224 px), = resnet18(norm="kn")."""
-    return resnet18(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
-
-
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=224, test_input_size=96)
-def knresnet34(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
-    """KNResNet-34 (224 px), = resnet34(norm="kn")."""
-    return resnet34(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
-
-
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=224, test_input_size=32)
-def knresnet50(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
-    """KNResNet-50 (224 px), = resnet50(norm="kn")."""
-    return resnet50(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
-
-
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32, test_input_size=16)
-def knresnet18_cifar(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
-    """KNResNet-18 for 32 px, = resnet18_cifar(norm="kn")."""
-    return resnet18_cifar(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
-
-
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32, test_input_size=16)
-def knresnet34_cifar(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
-    """KNResNet-34 for 32 px, = resnet34_cifar(norm="kn")."""
-    return resnet34_cifar(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
-
-
-@register_model(family="resnet", norms=("kn",), default_norm="kn", input_size=32, test_input_size=16)
-def knresnet50_cifar(
-    norm: str,
-    num_classes: int,
-    kn_kernel_size: int | None = None,
-    kn_dropout_p: float | None = None,
-    kn_head_dropout_p: float | None = None,
-    input_size: int | None = None,
-) -> nn.Module:
-    """KNResNet-50 for 32 px, = resnet50_cifar(norm="kn")."""
-    return resnet50_cifar(norm, num_classes, kn_kernel_size, kn_dropout_p, kn_head_dropout_p, input_size)
+register_alias("knresnet18", "resnet18", "kn", "KNResNet-18 (224 px), = resnet18(norm='kn').")
+register_alias("knresnet34", "resnet34", "kn", "KNResNet-34 (224 px), = resnet34(norm='kn').")
+register_alias("knresnet50", "resnet50", "kn", "KNResNet-50 (224 px), = resnet50(norm='kn').")
+register_alias("knresnet18_cifar", "resnet18_cifar", "kn", "KNResNet-18 for 32 px, = resnet18_cifar(norm='kn').")
+register_alias("knresnet34_cifar", "resnet34_cifar", "kn", "KNResNet-34 for 32 px, = resnet34_cifar(norm='kn').")
+register_alias("knresnet50_cifar", "resnet50_cifar", "kn", "KNResNet-50 for 32 px, = resnet50_cifar(norm='kn').")

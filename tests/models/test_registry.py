@@ -37,9 +37,41 @@ def test_unsupported_norm_lists_valid_norms():
         create_model("densenet_bc100", norm="gn")
 
 
-def test_unknown_argument_lists_valid_arguments():
-    with pytest.raises(ValueError, match="no argument 'kn_dropout'.*kn_dropout_p"):
-        create_model("resnet18_cifar", norm="kn", kn_dropout=0.1)
+@pytest.mark.parametrize(
+    "name, kwargs, valid",
+    [
+        ("resnet18_cifar", {"norm": "kn", "kn_dropout": 0.1}, "kn_dropout_p"),
+        ("knresnet18_cifar", {"kn_dropout": 0.1}, "kn_dropout_p"),  # an alias takes its target's arguments
+        ("convmixer_256_8", {"kernel": 3}, "kernel_size"),
+        ("vit_cifar", {"drop_path": 0.1}, "drop_path_rate"),
+    ],
+)
+def test_unknown_argument_lists_valid_arguments(name, kwargs, valid):
+    unknown = next(k for k in kwargs if k != "norm")
+    with pytest.raises(ValueError, match=f"no argument '{unknown}'; valid arguments are: .*{valid}"):
+        create_model(name, **kwargs)
+
+
+def test_entrypoint_must_declare_its_options():
+    with pytest.raises(ValueError, match="declare its options"):
+
+        @register_model(family="resnet", norms=("bn",), default_norm="bn", input_size=32)
+        def toy_resnet(norm, num_classes, **kwargs):  # noqa: ARG001
+            return nn.Identity()
+
+
+@pytest.mark.parametrize("alias", [n for n in list_models() if model_info(n).alias_of is not None])
+def test_alias_builds_its_target_with_its_norm(alias):
+    info = model_info(alias)
+    target = model_info(info.alias_of)
+    assert (info.input_size, info.test_input_size, info.arguments) == (
+        target.input_size,
+        target.test_input_size,
+        target.arguments,
+    )
+    a, b = _meta(alias, num_classes=7), _meta(info.alias_of, norm=info.default_norm, num_classes=7)
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
 
 
 def test_kernelnorm_argument_refused_without_kernelnorm():

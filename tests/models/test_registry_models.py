@@ -24,7 +24,13 @@ def _case_param(name: str, norm: str):
     return pytest.param((name, norm), id=f"{name}-{norm}", marks=marks)
 
 
-CASES = [_case_param(name, norm) for name in list_models() for norm in model_info(name).norms]
+# Aliases (knresnet18 = resnet18 with "kn") are the same models: tests/models/test_registry.py checks that.
+CASES = [
+    _case_param(name, norm)
+    for name in list_models()
+    if model_info(name).alias_of is None
+    for norm in model_info(name).norms
+]
 
 
 def _outputs(out) -> tuple[torch.Tensor, ...]:
@@ -80,7 +86,10 @@ class TestEveryModel:
         case["model"].eval()
         with torch.no_grad():
             alone = torch.cat([case["model"](case["x"][i : i + 1]) for i in range(BATCH)])
-        torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
+        # fp32 rounding alone: through ConvMixer-768/32's 32 ReLU + GroupNorm blocks a batch-2 and a batch-1
+        # forward differ by 2e-4 (each is 1e-4 from an fp64 forward, which is batch-independent to 1e-16),
+        # while a norm that mixes samples moves these O(1) logits by far more than 1e-3.
+        torch.testing.assert_close(alone, together, rtol=1e-3, atol=1e-3)
 
     def test_backward_finite(self, case):
         model = case["model"].train()
