@@ -33,10 +33,16 @@ def _dense_drop_mask(x: Tensor, dropout_p: float, generator: torch.Generator | N
     return bits < round(dropout_p * 2**31)
 
 
-def _dropped_indices(numel: int, dropout_p: float, generator: torch.Generator | None, device) -> Tensor:
-    """Sorted flat indices (int64) of the dropped elements among `numel`, each dropped w.p. dropout_p."""
-    expected = numel * dropout_p
-    batch = int(expected + 7.0 * math.sqrt(expected) + 16)  # the total gap falls short of numel w.p. < 1e-11
+def _dropped_indices(
+    numel: int, dropout_p: float, generator: torch.Generator | None, device, batch: int | None = None
+) -> Tensor:
+    """Sorted flat indices (int64) of the dropped elements among `numel`, each dropped w.p. dropout_p.
+
+    Gaps are drawn `batch` at a time (by default enough that a second batch is needed w.p. < 1e-11).
+    """
+    if batch is None:
+        expected = numel * dropout_p
+        batch = int(expected + 7.0 * math.sqrt(expected) + 16)
     positions = []
     last = -1  # position of the last drawn drop
     while last < numel:

@@ -179,6 +179,7 @@ def kn_conv2d(
     elif training and dropout_p > 0:
         drop = draw_dropped(x, dropout_p)  # flat indices on CPU, a bool mask elsewhere
     scale = 1.0 if drop is None else 1.0 / (1.0 - dropout_p)  # inverted dropout
+    x = x.contiguous()  # the statistics view x as (N, C, H*W); flat drop indices are in this order
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).

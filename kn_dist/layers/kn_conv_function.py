@@ -29,31 +29,54 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _identity_pool(kernel, stride, padding) -> bool:
-    return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+def _pad_dim(t: Tensor, dim: int, before: int, after: int) -> Tensor:
+    """Zero-pad (negative: crop) dimension `dim` (-1 or -2) of t."""
+    return F.pad(t, (before, after) if dim == -1 else (0, 0, before, after))
+
+
+def _window_sum(t: Tensor, dim: int, k: int, s: int, p: int) -> Tensor:
+    """Sums over the zero-padded windows (kernel k, stride s, padding p) along `dim`, by a prefix sum.
+
+    A cumulative sum and one difference per axis instead of F.avg_pool2d: ~3x faster on CPU for the
+    small float64 maps here. Windows of zeros give exactly 0 (equal prefix sums), as dead ReLUs need.
+    """
+    if k == 1 and p == 0:
+        return t if s == 1 else t[_every(dim, s)]
+    c = _pad_dim(t, dim, p + 1, p).cumsum(dim)  # c[i] = sum of the padded entries before i
+    n_out = (t.shape[dim] + 2 * p - k) // s + 1
+    span = s * (n_out - 1) + 1
+    return c.narrow(dim, k, span)[_every(dim, s)] - c.narrow(dim, 0, span)[_every(dim, s)]
+
+
+def _every(dim: int, s: int) -> tuple:
+    return (..., slice(None, None, s)) if dim == -1 else (..., slice(None, None, s), slice(None))
+
+
+def _window_sum_transpose(g: Tensor, dim: int, n: int, k: int, s: int, p: int) -> Tensor:
+    """Transpose of `_window_sum`: per input position, the sum of g over the windows that contain it."""
+    if k == 1 and p == 0 and s == 1:
+        return g
+    if s > 1:  # put each window's value at its first padded position, zeros between
+        shape = list(g.shape)
+        shape[dim] = s * (g.shape[dim] - 1) + 1
+        u = g.new_zeros(shape)
+        u[_every(dim, s)] = g
+        g = u
+    # position q (padded coordinates) is in the windows starting at q - k + 1 .. q
+    c = _pad_dim(g, dim, k, p + n - g.shape[dim]).cumsum(dim)
+    return c.narrow(dim, p + k, n) - c.narrow(dim, p, n)
 
 
 def _pool(t: Tensor, kernel, stride, padding) -> Tensor:
     """Average pooling over zero-padded windows, padded zeros counted (count_include_pad)."""
-    if _identity_pool(kernel, stride, padding):
-        return t
-    if padding[0] <= kernel[0] // 2 and padding[1] <= kernel[1] // 2:  # avg_pool2d's own padding limit
-        return F.avg_pool2d(t, kernel, stride, padding)
-    return F.avg_pool2d(F.pad(t, (padding[1], padding[1], padding[0], padding[0])), kernel, stride)
+    out = _window_sum(_window_sum(t, -1, kernel[1], stride[1], padding[1]), -2, kernel[0], stride[0], padding[0])
+    return out if kernel == (1, 1) else out.mul_(1.0 / (kernel[0] * kernel[1]))
 
 
 def _pool_backward(g: Tensor, size, kernel, stride, padding) -> Tensor:
-    """Transpose of `_pool`: per-window values (N, K, H', W') -> per-pixel sums / (kh * kw), (N, K, H, W)."""
-    if _identity_pool(kernel, stride, padding):
-        return g
-    n, k = g.shape[:2]
-    ph, pw = padding
-    if ph <= kernel[0] // 2 and pw <= kernel[1] // 2:
-        like = g.new_zeros(()).expand(n, k, *size)  # only its shape is read
-        return torch.ops.aten.avg_pool2d_backward(g, like, kernel, stride, padding, False, True, None)
-    like = g.new_zeros(()).expand(n, k, size[0] + 2 * ph, size[1] + 2 * pw)
-    gp = torch.ops.aten.avg_pool2d_backward(g, like, kernel, stride, (0, 0), False, True, None)
-    return gp[..., ph : ph + size[0], pw : pw + size[1]]
+    """Transpose of `_pool` without its 1 / (kh * kw): per-window values -> per-pixel sums, (N, K, H, W)."""
+    t = _window_sum_transpose(g, -2, size[0], kernel[0], stride[0], padding[0])
+    return _window_sum_transpose(t, -1, size[1], kernel[1], stride[1], padding[1])
 
 
 def _pixel_maps(xs: Tensor, dropped: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -112,7 +135,7 @@ class KNConv2dFunction(torch.autograd.Function):
         kernel = tuple(weight.shape[-2:])
         n, c, h, w = x.shape
         sdt = stats_dtype(x)
-        m, maps = _pixel_maps(x.reshape(n, c, h * w).to(sdt), dropped)
+        _, maps = _pixel_maps(x.reshape(n, c, h * w).to(sdt), dropped)
         win = _pool(maps.view(n, 2, h, w), kernel, stride, padding)  # (N, 2, H', W'): mean e, mean e^2
         mu = win[:, :1] * scale
         var = torch.addcmul(win[:, 1:], win[:, :1], win[:, :1], value=-1.0).clamp_min_(0.0)
@@ -132,14 +155,14 @@ class KNConv2dFunction(torch.autograd.Function):
             y = torch.addcmul(bias.to(sdt).view(1, o, 1, 1), zs, rstd_s)
         y.addcmul_(sum_w.view(1, o, 1, 1), mu_rstd, value=-1.0)
         ctx.conf = (stride, padding, groups, scale)
-        ctx.save_for_backward(x, weight, dropped, m, mu, rstd, sum_w, rhs)
+        ctx.save_for_backward(x, weight, dropped, mu, rstd, sum_w, rhs)
         ctx.z = z  # an intermediate: kept on ctx so that backward can free it early
         return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, weight, dropped, m, mu, rstd, sum_w, rhs = ctx.saved_tensors
+        x, weight, dropped, mu, rstd, sum_w, rhs = ctx.saved_tensors
         stride, padding, groups, scale = ctx.conf
         z, ctx.z = ctx.z, None
         if z is None:  # a second backward through the same graph (retain_graph=True): recompute
@@ -150,20 +173,16 @@ class KNConv2dFunction(torch.autograd.Function):
         g1 = torch.matmul(sum_w.view(1, o), gy3)  # (N, 1, L)
         gz_sum = (gy3 * z.view(n, o, -1).to(sdt)).sum(dim=1, keepdim=True)
         del z  # the peak of backward is at the conv backward below
-        # per window, float64: [g_mu, g_var, g_var * mu]
+        # per window, float64: [g_mu - 2 g_var mu, g_var]
         g1 = g1.view(n, 1, h_out, w_out).to(MAP_DTYPE)
-        g = torch.empty((n, 3, h_out, w_out), dtype=MAP_DTYPE, device=gy.device)
-        torch.mul(g1, rstd, out=g[:, :1]).neg_()
         gz_sum = gz_sum.view(n, 1, h_out, w_out).to(MAP_DTYPE)
-        torch.addcmul(gz_sum, mu, g1, value=-1.0, out=g[:, 1:2]).mul_(rstd * rstd * rstd).mul_(-0.5)
-        torch.mul(g[:, 1:2], mu, out=g[:, 2:])
-        p = _pool_backward(g, x.shape[2:], tuple(weight.shape[-2:]), stride, padding)  # (N, 3, H, W)
-        # [A, B] per pixel (see the class docstring); the 1 / (kh kw) of the pooling is in p
-        ab = torch.empty((n, 2, *x.shape[2:]), dtype=MAP_DTYPE, device=gy.device)
-        md = m.view(n, 1, *x.shape[2:]).to(MAP_DTYPE)
-        torch.addcmul(p[:, :1], md, p[:, 1:2], value=2.0 * scale, out=ab[:, :1]).sub_(p[:, 2:], alpha=2.0)
-        ab[:, :1] *= scale / c
-        torch.mul(p[:, 1:2], 2.0 * scale * scale / c, out=ab[:, 1:])
+        g = torch.empty((n, 2, h_out, w_out), dtype=MAP_DTYPE, device=gy.device)
+        g_var = torch.addcmul(gz_sum, mu, g1, value=-1.0, out=g[:, 1:]).mul_(rstd * rstd * rstd).mul_(-0.5)
+        torch.mul(g1, rstd, out=g[:, :1]).neg_().addcmul_(g_var, mu, value=-2.0)
+        # [A, B] per pixel (class docstring), times kh * kw / C: one transposed pooling, one cast
+        ab = _pool_backward(g, x.shape[2:], tuple(weight.shape[-2:]), stride, padding)  # (N, 2, H, W)
+        ab[:, 1:] *= 2.0 * scale
+        ab = ab.to(sdt).mul_(scale / (c * weight.shape[-2] * weight.shape[-1]))
         # Over (N, L): the grads of sum_w (it reaches every weight of its filter) and of the bias.
         red = torch.matmul(gy3, rhs.mT).sum(0)  # (O, K)
         gz = (gy3 * rstd.view(n, 1, -1).to(sdt)).view(gy.shape).to(x.dtype)
@@ -173,12 +192,14 @@ class KNConv2dFunction(torch.autograd.Function):
         del gz
         gw.sub_(red[:, 0].to(gw.dtype).view(o, 1, 1, 1))
         gb = red[:, 1].to(weight.dtype) if red.shape[1] == 2 else None
-        ab[:, :1] -= ab[:, 1:] * md
-        g_stats = torch.addcmul(ab[:, :1].to(sdt), ab[:, 1:].to(sdt), x.to(sdt))
-        if dropped is not None:
-            if dropped.dtype == torch.bool:
-                g_stats.masked_fill_(dropped, 0.0)
-            else:
-                g_stats.view(-1).index_fill_(0, dropped, 0.0)
-        gx.add_(g_stats)
+        a, b = ab[:, :1], ab[:, 1:]
+        if dropped is None or dropped.dtype != torch.bool:
+            # in place; dropped elements (flat indices) get their conv-only gradient back exactly
+            gx = gx.contiguous()  # flat indices are in NCHW order
+            kept_out = None if dropped is None else gx.view(-1).index_select(0, dropped)
+            gx.addcmul_(b, x).add_(a)
+            if kept_out is not None:
+                gx.view(-1).index_copy_(0, dropped, kept_out)
+        else:
+            gx.add_(torch.addcmul(a, b, x.to(sdt)).masked_fill_(dropped, 0.0))
         return gx, gw, gb, None, None, None, None, None, None
