@@ -8,12 +8,12 @@ unit is normalised with them. No affine parameters, no running buffers: batch-in
 avg-pools of per-pixel channel statistics, so no unfold and no k²-sized tensor is built.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+
+from kn_dist.layers.dropout_draws import draw_dropped, dropout_keep_mask
+from kn_dist.layers.kn_conv_function import KNConv2dFunction, stats_dtype
 
 _Size2 = int | tuple[int, int]
 
@@ -49,26 +49,8 @@ def _output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[i
     return tuple(out)
 
 
-def _drop_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None = None) -> Tensor:
-    """Bool mask, shape of x, True where an element is dropped, with probability dropout_p (to 2**-31).
-
-    Built from 31 random bits per element (int64 draws viewed as int32 pairs, top bit cleared),
-    which is ~6x faster on CPU than `bernoulli_` and exact to 5e-10 in the drop probability.
-    Padded elements need no draw: they are zero, so dropping them or not changes nothing.
-    """
-    bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int64, device=x.device).random_(generator=generator)
-    bits = bits.view(torch.int32)[: x.numel()].view(x.shape).bitwise_and_(0x7FFFFFFF)  # uniform on [0, 2**31)
-    return bits < round(dropout_p * 2**31)
-
-
-def dropout_keep_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None = None) -> Tensor:
-    """A bool mask with one Bernoulli(1 - dropout_p) draw per element of x (True = kept)."""
-    return ~_drop_mask(x, dropout_p, generator)
-
-
 def _stats_dtype(x: Tensor) -> torch.dtype:
-    # fp32 statistics for half/bf16 inputs (DESIGN §3); fp64 stays fp64 (gradcheck).
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return stats_dtype(x)
 
 
 def kernel_norm_stats(
@@ -91,7 +73,7 @@ def kernel_norm_stats(
     means. The second term is a one-pass variance of a 1-channel map; shifting it by each sample's
     mean keeps it accurate when activations have a large common offset. Padded pixels count with
     mean 0 and variance 0, as in the official unfold code. KernelNorm2d and the token variant use
-    this; KNConv2d uses a no-grad twin (`_fast_stats`) inside its custom autograd function.
+    this; KNConv2d computes the same statistics inside its autograd function (`kn_conv_function`).
     """
     kernel, stride_, pad = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
     _check_geometry(kernel, stride_, pad, dropout_p)
@@ -167,139 +149,6 @@ class KernelNorm2d(nn.Module):
         )
 
 
-def _pool(t: Tensor, kernel, stride, padding) -> Tensor:
-    """Average pooling over zero-padded windows, padded zeros counted (count_include_pad)."""
-    if padding[0] <= kernel[0] // 2 and padding[1] <= kernel[1] // 2:  # avg_pool2d's own padding limit
-        return F.avg_pool2d(t, kernel, stride, padding)
-    return F.avg_pool2d(F.pad(t, (padding[1], padding[1], padding[0], padding[0])), kernel, stride)
-
-
-def _pool_backward(g: Tensor, size, kernel, stride, padding) -> Tensor:
-    """Transpose of `_pool`: per-window grads (N, K, H', W') -> per-pixel grads (N, K, H, W)."""
-    n, k = g.shape[:2]
-    ph, pw = padding
-    if ph <= kernel[0] // 2 and pw <= kernel[1] // 2:
-        like = g.new_zeros(()).expand(n, k, *size)  # only its shape is read
-        return torch.ops.aten.avg_pool2d_backward(g, like, kernel, stride, padding, False, True, None)
-    like = g.new_zeros(()).expand(n, k, size[0] + 2 * ph, size[1] + 2 * pw)
-    gp = torch.ops.aten.avg_pool2d_backward(g, like, kernel, stride, (0, 0), False, True, None)
-    return gp[..., ph : ph + size[0], pw : pw + size[1]]
-
-
-@functools.lru_cache(maxsize=64)
-def _pad_fraction(size, kernel, stride, padding, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(1, 1, H', W'): the fraction of each window that lies in the zero padding."""
-    return 1.0 - _pool(torch.ones((1, 1, *size), device=device, dtype=dtype), kernel, stride, padding)
-
-
-def _fast_stats(x: Tensor, kernel, stride, padding, drop: Tensor | None, scale: float):
-    """No-grad pooled statistics for the custom function.
-
-    With e = x * keep, batched matmuls give each pixel's channel mean m and its exact (two-pass)
-    channel variance v. By the law of total variance a window's variance is avg(v) plus the
-    variance of the m's, taken one-pass around a per-sample constant c (the sample mean) as
-    avg((m - c)^2) - (avg(m) - c)^2: for 1x1 windows that difference is exactly 0, and c keeps it
-    accurate under a large common offset. Padded pixels have m = v = 0, so they add (0 - c)^2 = c^2
-    through the padded fraction of each window; all-zero windows (dead ReLUs) get mean exactly 0.
-    Returns (mean_e, var_e, c): fp32 (N, 1, H', W') maps and c (N, 1, 1, 1). D(x) = scale * e, so
-    its mean is scale * mean_e and its variance scale^2 * var_e.
-    """
-    n, c, h, w = x.shape
-    xs = x.to(_stats_dtype(x))
-    shift = xs.mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
-    e = xs.view(n, c, -1).clone()  # (N, C, HW)
-    if drop is not None:
-        e.masked_fill_(drop.view(n, c, -1), 0.0)
-    avg = torch.full((1, c), 1.0 / c, dtype=xs.dtype, device=x.device)
-    m = torch.matmul(avg, e)  # (N, 1, HW)
-    v = torch.matmul(avg, e.sub_(m).square_())  # (N, 1, HW)
-    del e
-    pix = torch.cat([m, v, (m - shift.view(n, 1, 1)).square_()], dim=1).view(n, 3, h, w)
-    win = _pool(pix, kernel, stride, padding)  # (N, 3, H', W'): avg m, avg v, avg (m - c)^2
-    if padding != (0, 0):
-        pad_frac = _pad_fraction((h, w), kernel, stride, padding, x.device, xs.dtype)
-        win[:, 2:].addcmul_(shift.square(), pad_frac)
-    mean_e = win[:, :1]
-    mean_s = mean_e - shift
-    var_e = torch.addcmul(win[:, 2:], mean_s, mean_s, value=-1.0).add_(win[:, 1:2]).clamp_min_(0.0)
-    return mean_e, var_e, shift
-
-
-class _KNConv2dFunction(torch.autograd.Function):
-    """y = (conv(x~, W, s) - mu * sum(W)) * rstd + b with a hand-written backward.
-
-    Saved: x, W, the bool drop mask, the conv output z and a few 1-channel maps. We keep z rather
-    than the output y so that in-place ops on y (ReLU(inplace=True)) stay legal, and free it inside
-    backward before the conv backward (a second backward, retain_graph=True, recomputes it).
-    Autograd through the pooled form would also keep the dropped-out copy and several output-sized
-    temporaries. Forward normalises with one mul and one batched K<=2 matmul; backward reads the
-    output grad four times and never builds a k²-sized tensor. Few, fused 1-channel ops: on a
-    loaded CPU every parallel op pays a scheduling delay, whatever its size.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, groups, eps, drop, scale):
-        kernel = tuple(weight.shape[-2:])
-        mean_e, var_e, shift = _fast_stats(x, kernel, stride, padding, drop, scale)
-        rstd = var_e.mul_(scale * scale).add_(eps).rsqrt_()  # (N, 1, H', W') of D(x~)
-        z = F.conv2d(x, weight, None, stride, padding, 1, groups)  # (N, O, H', W')
-        n, o = z.shape[:2]
-        sdt = rstd.dtype
-        sum_w = weight.sum(dim=(1, 2, 3), dtype=sdt)  # (O,)
-        # y = z * rstd + [-sum_w, b] @ [mean * rstd, 1]
-        lhs = torch.stack([-sum_w] + ([] if bias is None else [bias.to(sdt)]), dim=1).expand(n, o, -1)  # (N, O, K)
-        rhs = torch.ones((n, lhs.shape[-1], rstd[0].numel()), dtype=sdt, device=x.device)  # (N, K, L)
-        torch.mul(mean_e.view(n, 1, -1), (rstd * scale).view(n, 1, -1), out=rhs[:, :1])
-        y = torch.mul(z, rstd) if z.dtype == sdt else z.to(sdt).mul_(rstd)
-        y.view(n, o, -1).baddbmm_(lhs, rhs)
-        ctx.conf = (stride, padding, groups, scale)
-        ctx.save_for_backward(x, weight, drop, mean_e, rstd, shift, sum_w, rhs)
-        ctx.z = z  # an intermediate: kept on ctx so that backward can free it early
-        return y.to(x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x, weight, drop, mean_e, rstd, shift, sum_w, rhs = ctx.saved_tensors
-        stride, padding, groups, scale = ctx.conf
-        z, ctx.z = ctx.z, None
-        if z is None:  # a second backward through the same graph (retain_graph=True): recompute
-            z = F.conv2d(x, weight, None, stride, padding, 1, groups)
-        n, o, h_out, w_out = gy.shape
-        c, sdt = x.shape[1], rstd.dtype
-        gy3 = gy.contiguous().view(n, o, -1).to(sdt)  # (N, O, L)
-        # Over output channels: sum_o gy * sum_w and sum_o gy * z.
-        gy_sw = torch.matmul(sum_w.view(1, o), gy3).view(n, 1, h_out, w_out)
-        gy_z = torch.linalg.vecdot(gy3, z.view(n, o, -1).to(sdt), dim=1).view(n, 1, h_out, w_out)
-        del z  # the peak of backward is at the conv backward below
-        # y = (z - mu * sum_w) * rstd + b with mu = scale * mean_e, rstd = (scale^2 var_e + eps)^-1/2,
-        # var_e = avg(v) + avg((m - c)^2) - (mean_e - c)^2, whose gradient is that of the channel means
-        # of e and (e - c)^2 (the per-pixel centring only changes the rounding).
-        # g: (N, 2, H', W') = [grad of window mean of (e - c), grad of window 2nd moment], times 1/C, 2/C
-        g = torch.empty((n, 2, h_out, w_out), dtype=sdt, device=gy.device)
-        mu = mean_e * scale
-        g_var = torch.addcmul(gy_z, mu, gy_sw, value=-1.0).mul_(rstd.pow(3) * (-0.5 * scale * scale))
-        torch.mul(g_var, 2.0 / c, out=g[:, 1:])
-        torch.mul(gy_sw, rstd * (-scale / c), out=g[:, :1]).addcmul_(mean_e - shift, g_var, value=-2.0 / c)
-        g_pix = _pool_backward(g, x.shape[2:], tuple(weight.shape[-2:]), stride, padding)  # (N, 2, H, W)
-        # per element: grad_x = keep * (g_mean_pix + g_second_pix * (x - c))
-        a = torch.addcmul(g_pix[:, :1], shift, g_pix[:, 1:], value=-1.0)
-        # Over (N, L): the grads of sum_w (it reaches every weight of its filter) and of the bias.
-        red = torch.matmul(gy3, rhs.mT).sum(0)  # (O, K)
-        gz = (gy3 * rstd.view(n, 1, -1)).view(gy.shape).to(x.dtype)
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            gz, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, (True, True, False)
-        )
-        del gz
-        gw.sub_(red[:, 0].to(gw.dtype).view(o, 1, 1, 1))
-        gb = red[:, 1].to(weight.dtype) if red.shape[1] == 2 else None
-        g_stats = torch.addcmul(a, g_pix[:, 1:], x.to(sdt))
-        if drop is not None:
-            g_stats.masked_fill_(drop, 0.0)
-        gx.add_(g_stats)
-        return gx, gw, gb, None, None, None, None, None, None
-
-
 def kn_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -328,15 +177,16 @@ def kn_conv2d(
     if keep_mask is not None:
         drop = ~keep_mask
     elif training and dropout_p > 0:
-        drop = _drop_mask(x, dropout_p)
+        drop = draw_dropped(x, dropout_p)  # flat indices on CPU, a bool mask elsewhere
     scale = 1.0 if drop is None else 1.0 / (1.0 - dropout_p)  # inverted dropout
+    x = x.contiguous()  # the statistics view x as (N, C, H*W); flat drop indices are in this order
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _KNConv2dFunction.apply(x.to(dtype), weight.to(dtype), bias, stride_, pad, groups, eps, drop, scale)
-    return _KNConv2dFunction.apply(x, weight, bias, stride_, pad, groups, eps, drop, scale)
+            return KNConv2dFunction.apply(x.to(dtype), weight.to(dtype), bias, stride_, pad, groups, eps, drop, scale)
+    return KNConv2dFunction.apply(x, weight, bias, stride_, pad, groups, eps, drop, scale)
 
 
 def _kn_conv2d_autograd(x, weight, bias, stride, padding, groups, eps, keep_mask, scale):

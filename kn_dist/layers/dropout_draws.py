@@ -1,0 +1,87 @@
+"""The dropout draws of KernelNorm's statistics: one Bernoulli(p) per input element, exact.
+
+KernelNorm takes its statistics from an inverted-dropout copy of its input (Nasirigerdeh et al.,
+TMLR 2024). Two exact representations of the same draw:
+- sparse: the sorted flat indices of the dropped elements. The gaps between successive dropped
+  elements of an i.i.d. Bernoulli(p) sequence are i.i.d. Geometric(p) (trials to the first success),
+  so drawing about p * numel geometric gaps and a cumulative sum gives the whole draw with ~1/p
+  times fewer random numbers than one per element, and no input-sized mask. Used on CPU for p <= 0.25.
+- dense: a bool mask, True where dropped, from 31 random bits per element (int64 draws viewed as
+  int32 pairs, top bit cleared), ~6x faster on CPU than `bernoulli_`, exact to 2**-31 in p. Used on
+  other devices (no host synchronisation) and for large p, where the sparse form has no advantage.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+SPARSE_MAX_P = 0.25
+
+
+def uses_sparse_draw(x: Tensor, dropout_p: float) -> bool:
+    """Whether `draw_dropped` returns flat indices (CPU, small p, eager) rather than a bool mask."""
+    if torch.compiler.is_compiling():  # data-dependent sizes would break the graph
+        return False
+    return x.device.type == "cpu" and 0.0 < dropout_p <= SPARSE_MAX_P
+
+
+def _dense_drop_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None) -> Tensor:
+    """Bool mask, shape of x, True where dropped with probability dropout_p (to 2**-31)."""
+    bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int64, device=x.device).random_(generator=generator)
+    bits = bits.view(torch.int32)[: x.numel()].view(x.shape).bitwise_and_(0x7FFFFFFF)  # uniform on [0, 2**31)
+    return bits < round(dropout_p * 2**31)
+
+
+def _dropped_indices(
+    numel: int, dropout_p: float, generator: torch.Generator | None, device, batch: int | None = None
+) -> Tensor:
+    """Sorted flat indices (int64) of the dropped elements among `numel`, each dropped w.p. dropout_p.
+
+    Gaps are drawn `batch` at a time (by default enough that a second batch is needed w.p. < 1e-11).
+    """
+    if batch is None:
+        expected = numel * dropout_p
+        batch = int(expected + 7.0 * math.sqrt(expected) + 16)
+    positions = []
+    last = -1  # position of the last drawn drop
+    while last < numel:
+        # Geometric(p) by inversion: floor(log(U) / log(1 - p)) + 1 with U = 1 - u uniform on (0, 1];
+        # vectorised, ~2x faster than `geometric_` on CPU. The cap keeps a huge gap castable.
+        u = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+        gaps = u.neg_().log1p_().mul_(1.0 / math.log1p(-dropout_p)).floor_().clamp_(max=numel).add_(1.0)
+        pos = gaps.to(torch.int64).cumsum_(0).add_(last)
+        positions.append(pos)
+        last = int(pos[-1])
+    pos = positions[0] if len(positions) == 1 else torch.cat(positions)
+    return pos[: int(torch.searchsorted(pos, numel))]
+
+
+def draw_dropped(x: Tensor, dropout_p: float, generator: torch.Generator | None = None) -> Tensor:
+    """The dropped elements of x for one draw: flat indices (int64, 1-D) or a bool mask (shape of x).
+
+    Which form is returned is `uses_sparse_draw(x, dropout_p)`; both are the same distribution.
+    """
+    if uses_sparse_draw(x, dropout_p):
+        return _dropped_indices(x.numel(), dropout_p, generator, x.device)
+    return _dense_drop_mask(x, dropout_p, generator)
+
+
+def dropped_mask(x: Tensor, dropped: Tensor) -> Tensor:
+    """The bool mask (shape of x, True = dropped) of a `draw_dropped` result."""
+    if dropped.dtype == torch.bool:
+        return dropped
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    mask[dropped] = True
+    return mask.view(x.shape)
+
+
+def dropout_keep_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None = None) -> Tensor:
+    """A bool mask with one Bernoulli(1 - dropout_p) draw per element of x (True = kept).
+
+    It consumes the random generator exactly as KNConv2d's own draw does, so a seeded layer and this
+    mask under the same seed agree.
+    """
+    if dropout_p == 0:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    return ~dropped_mask(x, draw_dropped(x, dropout_p, generator))
