@@ -99,13 +99,19 @@ def has_checkpoint(storage_path: str, name: str) -> bool:
 
 
 def run_training(
-    cfg: ExperimentConfig, address: str | None = None, resume: bool = False, *, stop_after_epoch: int | None = None
+    cfg: ExperimentConfig,
+    address: str | None = None,
+    resume: bool = False,
+    *,
+    stop_after_epoch: int | None = None,
+    fault_drill: dict[str, int] | None = None,
 ) -> ray.train.Result:
     """Train `cfg` under Ray Train, tracked in MLflow; returns Ray's Result (final checkpoint, metrics).
 
     `resume` continues the run of the same name from its latest checkpoint, in the same MLflow
     run. `stop_after_epoch` ends the run early but resumably (the schedule still spans
-    cfg.epochs), e.g. to split a run across allocations.
+    cfg.epochs), e.g. to split a run across allocations. `fault_drill` ({"fail_after_epoch": e,
+    "fail_rank": r}) makes one rank fail once after epoch e's checkpoint (kn_dist.worker.LoopConfig).
     """
     tracking.check_reachable(tracking.resolve_uri(cfg.tracking.uri))  # first: before any data or model work
     cfg = prepare_config(cfg, address=address)
@@ -139,7 +145,9 @@ def run_training(
     started = init_ray(address)
     ray_compat.start_autoscaling_coordinator()  # ready before the controller asks (ray_compat)
     try:
-        loop = LoopConfig(config=cfg, run_key=run_key, mlflow_run_id=run_id, stop_after_epoch=stop_after_epoch)
+        loop = LoopConfig(
+            config=cfg, run_key=run_key, mlflow_run_id=run_id, stop_after_epoch=stop_after_epoch, **(fault_drill or {})
+        )
         trainer = build_torch_trainer(loop, run_name=name, storage_path=storage)
         say(
             f"{'resuming' if resume else 'starting'} run {name!r}: {cfg.model.name} (norm {cfg.model.norm}) on "

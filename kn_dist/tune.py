@@ -110,9 +110,11 @@ class TuneSession:
     world_rank, world_size = 0, 1
 
     def __init__(self, use_gpu: bool) -> None:
+        import ray
         import torch
 
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def latest_checkpoint(self) -> Any | None:
         import ray.tune

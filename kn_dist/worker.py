@@ -36,6 +36,7 @@ from kn_dist.runtime import PROGRESS_PREFIX
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIR = "epoch_{epoch:04d}"  # one directory per checkpointed epoch, under the run's storage
 RESUMED_FROM_TAG = "kn_dist.resumed_from"
+NODES_TAG = "kn_dist.nodes"  # rank 0's Ray node at every start of the run ("node_a,node_b" after a move)
 
 
 class LoopConfig(BaseModel):
@@ -53,6 +54,11 @@ class LoopConfig(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)  # extra MLflow tags (a study's cell and seed)
     evaluate_test: bool = False  # final runs: evaluate once on the test split after the last epoch
     stop_after_epoch: int | None = Field(None, ge=1)  # stop resumably after this epoch (schedule spans epochs)
+    # Fault drill: rank `fail_rank` raises in the epoch after `fail_after_epoch` (its checkpoint reported,
+    # the next epoch's training done), on a run that started from scratch only, so the restart from that
+    # checkpoint runs through. For tests and rehearsals.
+    fail_after_epoch: int | None = Field(None, ge=1)
+    fail_rank: int = Field(0, ge=0)
 
 
 class Session(Protocol):
@@ -61,6 +67,7 @@ class Session(Protocol):
     world_rank: int
     world_size: int
     device: torch.device
+    node_id: str  # the Ray node this rank runs on (tag kn_dist.nodes: where a run went, restarts included)
 
     def latest_checkpoint(self) -> Any | None:
         """A ray Checkpoint to resume from, or None for a fresh start."""
@@ -73,12 +80,14 @@ class RayTrainSession:
     """The loop inside a Ray Train worker: `ray.train.report` is a barrier over the worker group."""
 
     def __init__(self) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def latest_checkpoint(self) -> Any | None:
         import ray.train
@@ -127,12 +136,15 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     run = _build(cfg, rank, world, device, evaluate_test=loop.evaluate_test)
     start_epoch, run_id = _restore(session.latest_checkpoint(), run, cfg, rank, world, loop.mlflow_run_id)
     tracker = _open_mlflow_run(loop, run_id, run.num_params) if rank == 0 else None
-    if tracker is not None and start_epoch > 1:
-        tracker.record_resume(start_epoch - 1)
+    if tracker is not None:
+        tracking.append_tag(tracker.client, tracker.run_id, NODES_TAG, session.node_id)
+        if start_epoch > 1:
+            tracker.record_resume(start_epoch - 1)
     last = min(loop.stop_after_epoch or cfg.epochs, cfg.epochs)
     begin = time.perf_counter()
     for epoch in range(start_epoch, last + 1):
-        metrics = _train_and_validate(run, cfg, device, world)
+        drill = loop.fail_after_epoch is not None and epoch == loop.fail_after_epoch + 1 and start_epoch == 1
+        metrics = _train_and_validate(run, cfg, device, world, fail_mid_epoch=drill and rank == loop.fail_rank)
         if tracker is not None:
             tracker.log_epoch(epoch, metrics)
             print(_format_progress(epoch, cfg.epochs, metrics, time.perf_counter() - begin, epoch - start_epoch + 1))
@@ -273,7 +285,9 @@ def _open_mlflow_run(loop: LoopConfig, run_id: str | None, num_params: int) -> _
     return tracker
 
 
-def _train_and_validate(run: _Run, cfg: ExperimentConfig, device: torch.device, world: int) -> dict[str, float]:
+def _train_and_validate(
+    run: _Run, cfg: ExperimentConfig, device: torch.device, world: int, *, fail_mid_epoch: bool = False
+) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     lr = run.optimizer.param_groups[0]["lr"]
@@ -289,6 +303,8 @@ def _train_and_validate(run: _Run, cfg: ExperimentConfig, device: torch.device, 
         grad_clip=cfg.optim.grad_clip,
         channels_last=cfg.channels_last,
     )
+    if fail_mid_epoch:
+        raise RuntimeError("fault drill: this rank fails mid-epoch (LoopConfig.fail_after_epoch)")
     if world > 1 and not cfg.scaling.sync_bn:
         # Each rank's BatchNorm running stats drift by its last local batch; evaluate (and save)
         # rank 0's everywhere, as DDP itself does before every training forward.

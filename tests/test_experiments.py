@@ -13,7 +13,7 @@ from kn_dist import config
 from kn_dist.models import model_info
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if not {"sweeps", "studies"} & set(p.parts))
 SWEEPS = sorted((EXPERIMENTS / "sweeps").glob("*.yaml"))
 FAMILIES = ("resnet", "densenet", "convnext", "convmixer", "vit", "conformer")
 
@@ -91,3 +91,24 @@ def test_sweep_passes_the_tune_validator(path):
     from kn_dist.sweep import load_sweep, validate_sweep
 
     validate_sweep(load_sweep(path))
+
+
+STUDIES = sorted((EXPERIMENTS / "studies").glob("*.yaml"))
+
+
+def test_every_family_has_a_study_on_both_cifars():
+    assert {p.stem for p in STUDIES} >= {f"{f}_{d}" for f in FAMILIES for d in ("cifar10", "cifar100")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", STUDIES, ids=_rel)
+def test_study_loads_and_passes_the_validator(path):
+    from kn_dist.study import load_study
+    from kn_dist.sweep import validate_sweep
+
+    study = load_study(path)
+    raw = yaml.safe_load(path.read_text())
+    assert study.spec.seed_list == list(range(raw["study"]["seeds"])) and len(study.spec.seed_list) >= 3
+    assert study.base.data.dataset == ("digits" if "digits" in path.stem else path.stem.rsplit("_", 1)[1])
+    validate_sweep(study.sweep)
+    assert f"studies/{path.name}" in (EXPERIMENTS / "README.md").read_text(), "the study plan lists every study"

@@ -1,21 +1,24 @@
-"""Fault tolerance (issue 8): SIGKILL one Ray Train worker process mid-run during a real 2-worker DDP
-training. Ray Train restarts the worker group (checkpoint.max_failures = 1), the run continues from its
-last checkpoint and finishes every epoch, and MLflow holds a single run with one value per epoch.
+"""Fault tolerance of a real 2-worker DDP training under Ray Train (checkpoint.max_failures = 1).
 
-Evidence comes from outside kn_dist: the worker pid and the restart from Ray's GCS actor table, the
-epochs of the checkpoints from the storage directory Ray Train writes, the metrics from MlflowClient."""
+1. Deterministic: rank 1 fails in epoch 2 of the first attempt (the run's fault drill). Ray Train
+   restarts the worker group, the run continues from the epoch-1 checkpoint and finishes every epoch.
+2. The real thing, once: SIGKILL of one worker process (found by its process title, `ray::RayTrainWorker`)
+   after the first checkpoint; the run recovers the same way.
+Evidence comes from outside kn_dist's own bookkeeping where it can: the checkpoint files Ray Train
+persisted, the metrics and tags MLflow holds (read with MlflowClient), the processes the OS lists.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
 
+import psutil
 import pytest
-import ray
 import torch
+from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,91 +27,93 @@ EPOCHS = 3
 
 @pytest.fixture
 def local_ray(monkeypatch):
+    import ray
+
+    from kn_dist.runtime import init_ray
+
     # A slow start of the worker group (a loaded machine) must not use up max_failures; the raylet
     # inherits this process's environment.
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_ray(num_cpus=2)
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def _config(tmp):
+def _config(tmp, name: str):
     from kn_dist import config
 
     return config.from_dict(
         {
-            "name": "ft",
+            "name": name,
             "seed": 0,
             "epochs": EPOCHS,
-            # Digits at 16 px (no flips: a mirrored digit is another symbol).
-            "data": {
-                "dataset": "digits",
-                "root": str(tmp / "data16"),
-                "image_size": 16,
-                "batch_size": 32,
-                "crop_padding": 1,
-                "hflip": False,
-            },
+            "data": {"dataset": "digits", "root": str(tmp / "data16"), "image_size": 16, "batch_size": 32},
             "model": {
                 "name": "convmixer_256_8",
-                "norm": "kn",
+                "norm": "bn",  # the fast learner: this test is about recovery
                 "kwargs": {"input_size": 16, "patch_size": 4, "kernel_size": 3},
             },
             "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
-            "schedule": {"name": "cosine"},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},
             # Keep every checkpoint so the test can list the epochs that were checkpointed.
-            "checkpoint": {"storage_path": str(tmp / "runs"), "every_epochs": 1, "keep": 2 * EPOCHS, "max_failures": 1},
+            "checkpoint": {"storage_path": str(tmp / "runs"), "keep": 2 * EPOCHS, "max_failures": 1},
             "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "fault_tolerance"},
         }
     )
 
 
-def _committed(run_dir) -> list[dict]:
-    """Checkpoints Ray Train has registered for the run (its snapshot file; what a restart resumes from)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return json.loads(snapshot.read_text())["checkpoint_results"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or being written
-        return []
+def _the_run(cfg):
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    assert len(runs) <= 1, [r.info.run_id for r in runs]
+    return client, (runs[0] if runs else None)
 
 
-def _checkpoints(run_dir) -> list:
-    """The checkpoint files Ray Train persisted for the run (one directory per reported checkpoint)."""
+def _assert_recovered(cfg, result, run_dir) -> str:
+    """Every epoch trained, checkpointed and logged exactly once; returns the resumed_from tag."""
     from kn_dist.worker import CHECKPOINT_FILE
 
-    return sorted(run_dir.glob(f"*/{CHECKPOINT_FILE}")) if run_dir.is_dir() else []
+    assert result.metrics["epoch"] == EPOCHS
+    epochs = sorted(
+        torch.load(p, map_location="cpu", weights_only=False)["epoch"] for p in run_dir.glob(f"*/{CHECKPOINT_FILE}")
+    )
+    assert epochs == list(range(1, EPOCHS + 1)), epochs
+    client, run = _the_run(cfg)
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(1, EPOCHS + 1)), f"{key}: {steps}"
+    assert run.info.status == "FINISHED"
+    assert client.get_metric_history(run.info.run_id, "val_top1")[-1].value > 0.5
+    return run.data.tags.get("kn_dist.resumed_from", "")
 
 
-def _alive_train_workers() -> dict[str, dict]:
-    return {
-        a: info
-        for a, info in ray._private.state.actors().items()
-        if info["ActorClassName"] == "RayTrainWorker" and info["State"] == "ALIVE"
-    }
+def test_injected_failure_resumes_from_the_last_checkpoint(local_ray, tmp_path):
+    from kn_dist.trainer import run_training
+
+    cfg = _config(tmp_path, "drill")
+    result = run_training(cfg, fault_drill={"fail_after_epoch": 1, "fail_rank": 1})
+    # Restarted once, from epoch 1's checkpoint: a restart from scratch would carry no resumed_from tag.
+    assert _assert_recovered(cfg, result, tmp_path / "runs" / "drill") == "1"
 
 
-def _logged_epochs(uri: str) -> list[int]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("fault_tolerance")
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id])
-    return sorted(m.step for r in runs for m in client.get_metric_history(r.info.run_id, "val_top1"))
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            found.append(proc)
+    return found
 
 
-def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
-    from mlflow.tracking import MlflowClient
-
+def test_worker_sigkilled_mid_run_recovers_from_a_checkpoint(local_ray, tmp_path):
     from kn_dist.trainer import run_training
     from kn_dist.worker import CHECKPOINT_FILE
 
-    cfg = _config(tmp_path)
-    run_dir = tmp_path / "runs" / "ft"
+    cfg = _config(tmp_path, "killed")
+    run_dir = tmp_path / "runs" / "killed"
     outcome: dict = {}
 
     def train() -> None:
@@ -119,58 +124,24 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(local_ray, tmp_path):
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-
-    # Wait until Ray Train has registered the first checkpoint, then kill one worker while the next
-    # epoch runs (a checkpoint directory alone is not enough: it is registered after the report barrier).
-    deadline = time.monotonic() + 600
-    while not _committed(run_dir):
+    deadline = time.monotonic() + 600  # well under pytest's 900 s timeout
+    while True:  # until epoch 1 is checkpointed and logged; then kill one worker during epoch 2
         assert thread.is_alive(), f"training ended before its first checkpoint: {outcome}"
         assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
-        time.sleep(0.2)
-    committed_at_kill = _committed(run_dir)
-    time.sleep(1.0)  # into the next epoch's training steps, not at its boundary
-    workers = _alive_train_workers()
-    assert len(workers) == 2
-    victim_id, victim = sorted(workers.items())[-1]
-    killed_at = time.time()
-    os.kill(victim["Pid"], signal.SIGKILL)
-    logged_at_kill = _logged_epochs(cfg.tracking.uri)
-    assert len(committed_at_kill) < EPOCHS and len(logged_at_kill) < EPOCHS, "the kill came too late to test anything"
+        client, run = _the_run(cfg)
+        logged = run is not None and client.get_metric_history(run.info.run_id, "val_top1")
+        if logged and (run_dir / "epoch_0001" / CHECKPOINT_FILE).is_file():
+            break
+        time.sleep(0.5)
+    time.sleep(4)  # Ray Train registers a checkpoint when its controller next polls the workers (seconds)
+    workers = _train_workers()
+    assert len(workers) == 2, workers
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    client, run = _the_run(cfg)
+    assert len(client.get_metric_history(run.info.run_id, "val_top1")) < EPOCHS, "the kill came too late"
 
-    thread.join(timeout=900)
-    assert not thread.is_alive(), "training did not finish within 15 minutes of the kill"
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "training did not finish within 10 minutes of the kill"
     assert "error" not in outcome, f"run failed instead of recovering: {outcome.get('error')!r}"
-    assert outcome["result"].metrics["epoch"] == EPOCHS
-
-    # Ray restarted the worker group: the victim is dead and new workers were started.
-    table = {a: i for a, i in ray._private.state.actors().items() if i["ActorClassName"] == "RayTrainWorker"}
-    assert table[victim_id]["State"] == "DEAD"
-    assert len(table) >= 4, f"expected a second worker group after the failure, saw {len(table)} workers"
-
-    # Continued from the last registered checkpoint: every epoch is checkpointed exactly once, and the
-    # checkpoints registered before the kill were kept as they were (a restart from scratch would have
-    # recomputed and rewritten them).
-    final = _committed(run_dir)
-    assert [r["metrics"]["epoch"] for r in final] == list(range(1, EPOCHS + 1)), final
-    for before in committed_at_kill:
-        assert before in final, f"checkpoint {before['checkpoint_dir_name']} was recomputed after the failure"
-        state = run_dir / before["checkpoint_dir_name"] / CHECKPOINT_FILE
-        assert state.stat().st_mtime < killed_at, f"{state} was rewritten after the failure"
-    epochs = sorted(torch.load(p, map_location="cpu", weights_only=False)["epoch"] for p in _checkpoints(run_dir))
-    assert epochs == list(range(1, EPOCHS + 1)), epochs
-
-    # MLflow: a single run, one value per epoch for every per-epoch metric, finished.
-    client = MlflowClient(cfg.tracking.uri)
-    experiment = client.get_experiment_by_name("fault_tolerance")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    run = runs[0]
-    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "lr"):
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-        assert steps == list(range(1, EPOCHS + 1)), f"{key}: {steps}"
-    assert run.info.status == "FINISHED"
-    # Epochs logged before the failure are the ones of the checkpoints it resumed from.
-    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
-    for before in committed_at_kill:
-        assert logged[before["metrics"]["epoch"]] == pytest.approx(before["metrics"]["val_top1"])
-    assert client.get_metric_history(run.info.run_id, "val_top1")[-1].value > 0.5
+    assert not psutil.pid_exists(workers[-1].pid) or workers[-1].status() == psutil.STATUS_ZOMBIE
+    assert _assert_recovered(cfg, outcome["result"], run_dir) in ("1", "2")  # from a checkpoint, not scratch

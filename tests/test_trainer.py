@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from kn_dist import cli, config, data, engine, tracking
 from kn_dist.errors import UserError
 from kn_dist.models import create_model
-from kn_dist.trainer import prepare_config, run_training
+from kn_dist.trainer import run_training
 from kn_dist.worker import CHECKPOINT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,12 +110,25 @@ def test_digits_quick_reaches_95_percent_and_is_tracked(digits_run, tmp_path):
     assert max(val_top1, key=lambda m: m.step).value >= 0.95
     assert run.info.status == "FINISHED"
 
-    # Params are the resolved config: every key of the flattened config, with the YAML's values.
+    # Params: every key of the YAML file with the YAML's value (an independent source: the file itself),
+    # the command line's overrides, and the derived global batch (2 workers x 64).
     params = run.data.params
-    resolved = prepare_config(config.load(DIGITS, [*digits_run["overrides"], f"tracking.uri={digits_run['uri']}"]))
-    assert params == {k: str(v) for k, v in config.to_flat_dict(resolved).items()}
-    assert (params["model.name"], params["model.norm"], params["optim.lr"]) == ("convmixer_256_8", "bn", "0.003")
-    assert params["scaling.num_workers"] == "2" and Path(params["data.train_path"]).is_file()
+    raw_yaml = yaml.safe_load(DIGITS.read_text())
+
+    def leaves(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in node.items():
+            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    for key, value in leaves(raw_yaml).items():
+        if key not in ("checkpoint.storage_path",):
+            assert params[key] == str(value), (key, params[key], value)
+    assert params["checkpoint.storage_path"] == str(digits_run["work"] / "runs")
+    assert params["derived.global_batch_size"] == str(
+        raw_yaml["data"]["batch_size"] * raw_yaml["scaling"]["num_workers"]
+    )
+    assert Path(params["data.train_path"]).is_file() and Path(params["data.test_path"]).is_file()
     tags = run.data.tags
     assert (tags["kn_dist.model"], tags["kn_dist.norm"], tags["kn_dist.dataset"]) == ("convmixer_256_8", "bn", "digits")
     assert tags["kn_dist.kind"] == "train" and "kn_dist.git_revision" in tags and "kn_dist.versions" in tags
@@ -122,12 +136,15 @@ def test_digits_quick_reaches_95_percent_and_is_tracked(digits_run, tmp_path):
     # Artifacts: the resolved config loads back; the final weights reproduce the logged accuracy when
     # evaluated here in one process (the 2-rank metric counted each validation image exactly once).
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
-    assert config.load(local / "config.yaml") == resolved
+    resolved = config.load(local / "config.yaml")
+    assert {k: str(v) for k, v in config.to_flat_dict(resolved).items()} == {
+        k: v for k, v in params.items() if not k.startswith("derived.")
+    }
     model = create_model("convmixer_256_8", norm="bn", num_classes=10, patch_size=8)
     model.load_state_dict(torch.load(local / "model" / "weights.pt"))
     _, val_loader = data.loaders(resolved.data, 0, 1, torch.device("cpu"))
     here = engine.evaluate(model, val_loader, device=torch.device("cpu"))
-    assert here["images"] == 360  # sklearn digits: 1,797 images, 360 held out
+    assert here["images"] == data.open_beton(resolved.data.val_path).num_samples  # every val image once
     assert here["top1"] == pytest.approx(max(val_top1, key=lambda m: m.step).value, abs=1e-9)
 
 
@@ -148,6 +165,7 @@ def test_resume_gives_the_uninterrupted_weights(digits_run, tmp_path, digits_roo
     client, run = _single_run(uri, cfg.tracking.experiment)  # the same MLflow run continued
     _assert_one_value_per_epoch(client, run.info.run_id, cfg.epochs)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["kn_dist.resumed_from"] == "2"  # restored from the epoch-2 checkpoint, not from scratch
 
     with final.checkpoint.as_directory() as folder:
         resumed = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)["model"]

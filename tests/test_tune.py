@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kn_dist import config
 from kn_dist.errors import UserError
+from kn_dist.study import load_study
 from kn_dist.sweep import is_kn, load_sweep, trial_plan, validate_sweep
 from kn_dist.tune import concurrency_limit, make_searcher
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "experiments" / "sweeps" / "digits_demo.yaml"
+DEMO = REPO / "experiments" / "studies" / "digits_demo.yaml"
 
 
 def _write(tmp_path: Path, tune: dict, **base) -> Path:
@@ -32,10 +32,10 @@ VIT = {"model": "vit_cifar", "kwargs": {"input_size": 16}, "norms": ["ln", "kn"]
 
 def test_demo_sweep_cells_give_baseline_and_kn_the_same_budget():
     raw = yaml.safe_load(DEMO.read_text())["tune"]
-    sweep = load_sweep(DEMO)
+    sweep = load_study(DEMO).sweep
     pairs = [(c.values["model.name"], c.values["model.norm"]) for c in sweep.cells]
     expected = [(a["model"], n) for a in raw["architectures"] for n in a["norms"]]
-    assert pairs == expected and len({m for m, _ in pairs}) >= 2
+    assert pairs == expected and len({n for _, n in pairs}) >= 2
     for cell, (_, norm) in zip(sweep.cells, pairs, strict=True):
         arch = next(a for a in raw["architectures"] if a["model"] == cell.values["model.name"])
         kn_keys = set(arch.get("kn_space", {}))
@@ -46,7 +46,7 @@ def test_demo_sweep_cells_give_baseline_and_kn_the_same_budget():
 
 
 def test_overrides_reach_base_and_tune_sections():
-    sweep = load_sweep(DEMO, ["optim.lr=0.05", "tune.num_samples=3", "name=other"])
+    sweep = load_study(DEMO, ["optim.lr=0.05", "tune.num_samples=3", "name=other"]).sweep
     assert sweep.base.optim.lr == 0.05 and sweep.tune.num_samples == 3 and sweep.name == "other"
 
 
