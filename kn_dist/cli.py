@@ -14,7 +14,7 @@ from pathlib import Path
 from kn_dist.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCH_TARGETS = ("layers", "models", "data", "ray", "tune")
+BENCH_TARGETS = ("layers", "models", "data", "ray", "tune", "startup", "gpu")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -106,8 +106,11 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
+    if args.compile and args.target != "models":
+        raise UserError(f"--compile applies to `kn-dist bench models` only, not to bench {args.target!r}")
     module = importlib.import_module(f"kn_dist.bench.{args.target}")
-    print(json.dumps(module.run(quick=args.quick), indent=2))
+    options = {"compile": True} if args.compile else {}
+    print(json.dumps(module.run(quick=args.quick, **options), indent=2))
     return 0
 
 
@@ -206,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks; print one JSON object")
     p.add_argument("target", choices=BENCH_TARGETS)
     p.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke check")
+    p.add_argument("--compile", action="store_true", help="bench models: torch.compile both models of each pair")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("cluster", help="check cluster files before `ray up` / `kubectl apply`")
@@ -234,6 +238,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kn_dist.runtime import mark
+
+    mark("cli_started")  # after Python and kn_dist.cli's own imports
     args = _parse(argv)
     try:
         return args.func(args)

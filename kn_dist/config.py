@@ -203,3 +203,8 @@ def to_flat_dict(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
 def to_yaml(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML that `load` accepts unchanged."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def is_kn(norm: str) -> bool:
+    """KernelNorm variants are named "kn" or "kn_<variant>" by the model registry."""
+    return norm == "kn" or norm.startswith("kn_")

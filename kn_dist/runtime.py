@@ -11,8 +11,10 @@ table and real errors. Ray's INFO/WARNING records stay in Ray's log files under
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from typing import Any
 
 from kn_dist.ray_compat import PREEMPTION_WATCHER_ENV_VAR, PRINT_PATCH_ENV_VAR
@@ -23,6 +25,28 @@ PROGRESS_PREFIX = "[kn-dist]"
 # they reach the workers of a remote cluster too (a driver's os.environ does not, issue 12 item 4).
 WORKER_ENV_VARS = {PRINT_PATCH_ENV_VAR: "0"}  # our progress lines once, not twice
 WORKER_SETUP_HOOK = "kn_dist.runtime.quiet_ray_logs"
+
+
+# Wall-clock marks of this process's start-up, kept as an MLflow tag per run (kn_dist.timeline.driver,
+# kn_dist.timeline.rank0) so the cost of starting a run can be read next to the run: `kn-dist bench startup`.
+TIMELINE_TAG = "kn_dist.timeline.{role}"
+_timeline: dict[str, float] = {}
+
+
+def mark(name: str) -> None:
+    """Record that this process reached `name` now (the first time only)."""
+    _timeline.setdefault(name, time.time())
+
+
+def restart_timeline(name: str) -> None:
+    """Forget earlier marks (a process that runs several loops, e.g. a reused actor) and mark `name`."""
+    _timeline.clear()
+    mark(name)
+
+
+def timeline_json() -> str:
+    """This process's marks, oldest first, as JSON ({"name": unix seconds})."""
+    return json.dumps(dict(sorted(_timeline.items(), key=lambda kv: kv[1])))
 
 
 def say(message: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kn_dist import config
+from kn_dist.config import is_kn  # noqa: F401  (part of the sweep model's API)
 from kn_dist.errors import UserError
 
 # Keys a sweep may not search: they are the trial's identity, its budget, its resources or its data.
@@ -149,11 +150,6 @@ class Sweep:
         for key, value in {**values, "seed": seed, "name": name}.items():
             set_dotted(raw, key, value)
         return config.from_dict(raw)
-
-
-def is_kn(norm: str) -> bool:
-    """KernelNorm variants are named "kn" or "kn_<variant>" by the model registry."""
-    return norm == "kn" or norm.startswith("kn_")
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
-from kn_dist.config import ExperimentConfig, to_flat_dict, to_yaml
+from kn_dist.config import ExperimentConfig, is_kn, to_flat_dict, to_yaml
 from kn_dist.errors import UserError
 
 RUN_KEY_TAG = "kn_dist.run_key"  # stable identity of a training run across restarts (see find_or_create_run)
@@ -127,8 +127,6 @@ def derived_params(cfg: ExperimentConfig) -> dict[str, str]:
     `derived.kn_eval`: how KernelNorm evaluates — "deterministic" (kn_dist's default) or "stochastic"
     (dropout on the statistics left on in eval, as the official code and its published accuracies).
     """
-    from kn_dist.sweep import is_kn
-
     norm = cfg.model.norm or ""
     kn_eval = "n/a"
     if is_kn(norm):

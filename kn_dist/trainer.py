@@ -18,7 +18,7 @@ from kn_dist import ray_compat, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.prepare import prepare_config
-from kn_dist.runtime import init_ray, say
+from kn_dist.runtime import TIMELINE_TAG, init_ray, mark, say, timeline_json
 from kn_dist.worker import CHECKPOINT_FILE, LoopConfig
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ def run_training(
     """
     tracking.check_reachable(tracking.resolve_uri(cfg.tracking.uri))  # first: before any data or model work
     cfg = prepare_config(cfg, address=address)
+    mark("config_prepared")
     uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
     storage, name = cfg.checkpoint.storage_path, cfg.name
     exists = has_checkpoint(storage, name)
@@ -144,6 +145,7 @@ def run_training(
 
     started = init_ray(address)
     ray_compat.start_autoscaling_coordinator()  # ready before the controller asks (ray_compat)
+    mark("ray_started")
     try:
         loop = LoopConfig(
             config=cfg, run_key=run_key, mlflow_run_id=run_id, stop_after_epoch=stop_after_epoch, **(fault_drill or {})
@@ -154,11 +156,14 @@ def run_training(
             f"{cfg.data.dataset}, {cfg.scaling.num_workers} worker(s) {'GPU' if cfg.scaling.use_gpu else 'CPU'}, "
             f"{cfg.epochs} epochs; MLflow run {run_id} in {uri}"
         )
+        mark("fit_started")
         try:
             result = trainer.fit()
         except BaseException:
             tracking.finish(client, run_id, ok=False)
             raise
+        mark("fit_returned")
+        client.set_tag(run_id, TIMELINE_TAG.format(role="driver"), timeline_json())
     finally:
         if started:
             ray.shutdown()

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kn_dist import data, engine, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.models import create_model
-from kn_dist.runtime import PROGRESS_PREFIX
+from kn_dist.runtime import PROGRESS_PREFIX, TIMELINE_TAG, mark, restart_timeline, timeline_json
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIR = "epoch_{epoch:04d}"  # one directory per checkpointed epoch, under the run's storage
@@ -130,6 +130,7 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     # Ray Train sets the root logger to INFO in its workers, and some of its records carry a file path
     # as their logger name (so LoggingConfig cannot filter them): keep INFO off the console.
     logging.getLogger().setLevel(logging.WARNING)
+    restart_timeline("loop_started")
     cfg = loop.config
     rank, world, device = session.world_rank, session.world_size, session.device
     _configure_torch(cfg, device)
@@ -145,8 +146,11 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     for epoch in range(start_epoch, last + 1):
         drill = loop.fail_after_epoch is not None and epoch == loop.fail_after_epoch + 1 and start_epoch == 1
         metrics = _train_and_validate(run, cfg, device, world, fail_mid_epoch=drill and rank == loop.fail_rank)
+        mark("first_epoch_done")
         if tracker is not None:
             tracker.log_epoch(epoch, metrics)
+            if epoch == start_epoch:  # this process's start-up, beside the run (kn-dist bench startup)
+                tracker.client.set_tag(tracker.run_id, TIMELINE_TAG.format(role="rank0"), timeline_json())
             print(_format_progress(epoch, cfg.epochs, metrics, time.perf_counter() - begin, epoch - start_epoch + 1))
         finished = epoch == cfg.epochs
         if finished and loop.evaluate_test:
@@ -183,6 +187,7 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     _seed(cfg.seed)
     model = create_model(cfg.model.name, norm=cfg.model.norm, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
     num_params = sum(p.numel() for p in model.parameters())
+    mark("model_built")
     if cfg.scaling.sync_bn and world > 1:
         # One BatchNorm batch over all ranks: the statistics of the global batch (DESIGN.md §9).
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -208,6 +213,7 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     }
     if evaluate_test:  # final runs only: sweep trials never open the test split (DESIGN.md §8)
         loaders["test"] = data.eval_loader(cfg.data, rank, world, device, split="test", channels_last=cfg.channels_last)
+    mark("loaders_built")
     steps = len(loaders["train"])
     optimizer = engine.build_optimizer(net, cfg.optim)
     scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, steps)

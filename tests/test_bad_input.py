@@ -92,7 +92,12 @@ CASES = [
     # CLI
     ("unknown subcommand", ["frobnicate"], "frobnicate"),
     ("train without config", ["train"], "config"),
-    ("unknown bench target", ["bench", "gpu"], "gpu"),
+    ("unknown bench target", ["bench", "warp"], "warp"),
+    (
+        "--compile on a bench other than models",
+        ["bench", "layers", "--compile"],
+        "--compile applies to `kn-dist bench models` only",
+    ),
     ("unknown dataset to write", ["data", "write", "mnist", "--out", "x"], "mnist"),
     ("unknown model family", ["models", "--family", "mlp"], "mlp"),
     # model / norm / geometry

@@ -40,7 +40,11 @@ def _sweep(tmp: Path, name: str, *, trials: int, epochs: int, max_failures: int 
             "scheduler": {"name": "fifo"},
             "space": {"optim.lr": {"loguniform": [0.001, 0.005]}},
             "architectures": [
-                {"model": "convmixer_256_8", "kwargs": {"input_size": 16, "patch_size": 4, "kernel_size": 3}, "norms": ["bn"]}
+                {
+                    "model": "convmixer_256_8",
+                    "kwargs": {"input_size": 16, "patch_size": 4, "kernel_size": 3},
+                    "norms": ["bn"],
+                }
             ],
         },
     }

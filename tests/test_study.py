@@ -161,7 +161,8 @@ def test_the_kill_lost_and_duplicated_nothing(study):
 def test_selection_is_the_best_full_budget_trial_on_val_and_finals_retrain_it(study):
     client = study["client"]
     best: dict[str, tuple[float, str]] = {}
-    for trial in _runs(client, "trial"):
+    # The documented rule: the best val score at the last epoch; a tie goes to the trial that started first.
+    for trial in sorted(_runs(client, "trial"), key=lambda r: r.info.start_time):
         cell = f"{trial.data.tags['kn_dist.model']}/{trial.data.tags['kn_dist.norm']}"
         history = {m.step: m.value for m in client.get_metric_history(trial.info.run_id, "val_top1")}
         score = history[STUDY["epochs"]]

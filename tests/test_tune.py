@@ -14,7 +14,8 @@ import yaml
 from kn_dist.errors import UserError
 from kn_dist.study import load_study
 from kn_dist.sweep import is_kn, load_sweep, trial_plan, validate_sweep
-from kn_dist.tune import concurrency_limit, make_searcher
+from kn_dist.tune import concurrency_limit
+from kn_dist.tune_search import make_searcher
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "studies" / "digits_demo.yaml"

@@ -89,7 +89,9 @@ def _gflops(name: str, norm: str, size: int) -> float:
     return forward_flops(shape_probe(model), size) / 1e9
 
 
-def bench_pair(name: str, baseline: str, kn: str, repeats: int, batch: int, device: torch.device) -> dict:
+def bench_pair(
+    name: str, baseline: str, kn: str, repeats: int, batch: int, device: torch.device, compiled: bool = False
+) -> dict:
     """Side-by-side figures of `name` with norm `baseline` and norm `kn`, and the issue's ratio."""
     size = model_info(name).input_size
     gen = torch.Generator().manual_seed(0)
@@ -99,8 +101,9 @@ def bench_pair(name: str, baseline: str, kn: str, repeats: int, batch: int, devi
     for norm in (baseline, kn):
         torch.manual_seed(0)
         model = create_model(name, norm=norm, num_classes=NUM_CLASSES).to(device).train()
-        steps[norm] = _step_fn(model, x, y)
-        for _ in range(2):  # warm-up: oneDNN/cuDNN primitives, allocator, momentum buffers
+        steps[norm] = _step_fn(torch.compile(model) if compiled else model, x, y)
+        # warm-up: oneDNN/cuDNN primitives, allocator, momentum buffers (compiled: forward and backward compile)
+        for _ in range(3 if compiled else 2):
             steps[norm]()
     times: dict[str, list[float]] = {baseline: [], kn: []}
     for _ in range(repeats):
@@ -118,7 +121,8 @@ def bench_pair(name: str, baseline: str, kn: str, repeats: int, batch: int, devi
     time_ratio = fig[kn]["step_ms"] / fig[baseline]["step_ms"]
     flop_ratio = fig[kn]["gflops"] / fig[baseline]["gflops"]
     ratio = time_ratio / flop_ratio
-    case = {"name": f"{name}/{kn}_vs_{baseline}", "model": name, "baseline_norm": baseline, "kn_norm": kn}
+    label = f"{name}/{kn}_vs_{baseline}" + (" (compiled)" if compiled else "")
+    case = {"name": label, "model": name, "baseline_norm": baseline, "kn_norm": kn, "compiled": compiled}
     for role, norm in (("baseline", baseline), ("kn", kn)):
         case |= {f"{role}_{key}": round(value, 3) for key, value in fig[norm].items()}
     return case | {
@@ -142,16 +146,16 @@ def pairs() -> list[tuple[str, str, str]]:
     return out
 
 
-def run(quick: bool = False) -> dict:
-    """Benchmark every pair; returns {"cases": [...], "settings": {...}} (JSON-serialisable)."""
+def run(quick: bool = False, compile: bool = False) -> dict:
+    """Benchmark every pair (both models torch.compile'd with `compile`); {"cases": [...], "settings": {...}}."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(THREADS)
     repeats = 3 if quick else 11
     batch = 8 if quick else BATCH
     todo = pairs()[:1] if quick else pairs()
-    cases = [bench_pair(name, base, kn, repeats, batch, device) for name, base, kn in todo]
-    settings = {"device": str(device), "batch": batch, "repeats": repeats, "dtype": "float32"}
+    cases = [bench_pair(name, base, kn, repeats, batch, device, compiled=compile) for name, base, kn in todo]
+    settings = {"device": str(device), "batch": batch, "repeats": repeats, "dtype": "float32", "compile": compile}
     if device.type == "cpu":
         settings["threads"] = THREADS
     else:

@@ -7,7 +7,7 @@ path (TorchTrainer, MLflow logging on rank 0, a checkpoint and `ray.train.report
 An epoch's time is the wall time between consecutive epoch ends, so the Ray figure includes
 logging, checkpointing and the report barrier. The first epoch (FFCV JIT compilation, worker
 start-up) is excluded on both sides; runs alternate bare/Ray so both see the same background
-load; figures are medians.
+load; figures are medians. ratio = Ray epoch seconds / bare epoch seconds; target <= 1.10.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""`kn-dist bench tune`: what ASHA saves. The same grid on digits is swept twice through the real
-`kn-dist tune` path (local Ray, TorchTrainer per trial, MLflow): once with ASHA, once with every trial
+"""`kn-dist bench tune`: what ASHA saves. The same grid on digits (ConvMixer-256/8, 16 px) is swept twice
+through the real `kn-dist tune` path (local Ray, each 1-worker trial in its Tune actor, MLflow): once with
+ASHA, once with every trial
 run to its full budget (FIFO). Reported: total epochs each consumed, wall time, and whether both name
 the same best configuration. Target (issue 7): the same best with <= 35 % of the epochs.
 
@@ -21,11 +22,13 @@ TARGET = 0.35
 
 
 def _sweep(quick: bool) -> dict[str, Any]:
-    lrs = [0.0003, 0.003] if quick else [0.0001, 0.0003, 0.001, 0.003, 0.01]
+    # Trials that learn (ConvMixer on 16 px digits reaches ~95 % val in a few epochs at a good lr), and
+    # lrs from too small to too large, so "the same best" is a choice among trials that differ.
+    lrs = [0.0003, 0.003] if quick else [0.0001, 0.0005, 0.002, 0.008]
     return {
         "name": "bench",
         "epochs": 3 if quick else 9,
-        "data": {"dataset": "digits", "image_size": 8, "batch_size": 128, "hflip": False},
+        "data": {"dataset": "digits", "image_size": 16, "batch_size": 64, "crop_padding": 1, "hflip": False},
         "optim": {"name": "adamw", "weight_decay": 0.01},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "tune": {
@@ -33,7 +36,13 @@ def _sweep(quick: bool) -> dict[str, Any]:
             "max_concurrent_trials": 2,
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 3},
             "space": {"optim.lr": {"grid": lrs}},
-            "architectures": [{"model": "vit_cifar", "kwargs": {"input_size": 8}, "norms": ["ln", "kn"]}],
+            "architectures": [
+                {
+                    "model": "convmixer_256_8",
+                    "kwargs": {"input_size": 16, "patch_size": 4, "kernel_size": 3},
+                    "norms": ["bn", "kn"],
+                }
+            ],
         },
     }
 
@@ -76,7 +85,7 @@ def run(quick: bool = False) -> dict:
     return {
         "cases": [
             {
-                "name": f"vit_cifar ln/kn x {len(full['trials']) // 2} lr on digits 8px, "
+                "name": f"convmixer_256_8 bn/kn x {len(full['trials']) // 2} lr on digits 16px, "
                 f"{_sweep(quick)['epochs']} epochs{' (quick)' if quick else ''}",
                 "asha_epochs": asha["epochs"],
                 "full_epochs": full["epochs"],

@@ -185,8 +185,20 @@ def kn_conv2d(
         # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return KNConv2dFunction.apply(x.to(dtype), weight.to(dtype), bias, stride_, pad, groups, eps, drop, scale)
-    return KNConv2dFunction.apply(x, weight, bias, stride_, pad, groups, eps, drop, scale)
+            return _kn_conv2d_eager(x.to(dtype), weight.to(dtype), bias, stride_, pad, groups, eps, drop, scale)
+    return _kn_conv2d_eager(x, weight, bias, stride_, pad, groups, eps, drop, scale)
+
+
+@torch.compiler.disable
+def _kn_conv2d_eager(x, weight, bias, stride, padding, groups, eps, drop, scale):
+    """KNConv2dFunction, kept out of torch.compile graphs (a graph break around each KNConv2d).
+
+    Traced by dynamo and compiled by inductor, KNResNet-18's weight gradients came out 1-10 % away from
+    fp64 where eager is within 3e-7 (its forward agreed to 2e-6); a plain stack of KNConv2d layers did
+    not show it, so the cause inside the traced backward is not isolated. Run eagerly, the compiled
+    model's gradients are as accurate as eager (tests/test_compile.py); the rest of the model compiles.
+    """
+    return KNConv2dFunction.apply(x, weight, bias, stride, padding, groups, eps, drop, scale)
 
 
 def _kn_conv2d_autograd(x, weight, bias, stride, padding, groups, eps, keep_mask, scale):

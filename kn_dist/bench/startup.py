@@ -1,0 +1,149 @@
+"""`kn-dist bench startup`: what a run costs before and around its training (issue 13, item 4).
+
+Two processes do the same 1-epoch digits run (experiments/digits_quick.yaml, one worker, CPU):
+  - `kn_dist`: the real `kn-dist train ... epochs=1 scaling.num_workers=1` command in a fresh process:
+    config, Ray start, Ray Train controller and worker, model, FFCV loaders, the epoch, MLflow, exit;
+  - `bare`: a fresh `python` process that imports torch and kn_dist's data/models/engine, builds the
+    same model and loaders and trains and validates the same epoch, with no Ray and no MLflow.
+Both walls are measured from the moment the process is launched to its exit (imports included).
+The breakdown of the kn_dist run comes from the marks the run itself records (MLflow tags
+kn_dist.timeline.driver and kn_dist.timeline.rank0, kn_dist.runtime.mark). Runs alternate
+bare / kn_dist; figures are medians. ratio = kn_dist wall / bare wall; target <= 2.5 (or <= 18 s).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DIGITS = Path(__file__).resolve().parents[2] / "experiments" / "digits_quick.yaml"
+TARGET = 2.5
+TARGET_WALL_S = 18.0
+
+# The bare side, run as `python -c`: everything the worker does for one epoch, nothing else.
+BARE = r"""
+import json, sys, time
+marks = {"launched": float(sys.argv[1])}
+import torch
+from kn_dist import config, data, engine
+from kn_dist.models import create_model
+from kn_dist.prepare import prepare_config
+marks["imported"] = time.time()
+cfg = prepare_config(config.load(sys.argv[2], sys.argv[3:]))
+torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
+device = torch.device("cpu")
+torch.manual_seed(cfg.seed)
+model = create_model(cfg.model.name, norm=cfg.model.norm, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
+marks["model_built"] = time.time()
+train = data.train_loader(cfg.data, 0, 1, device, seed=cfg.seed)
+val = data.eval_loader(cfg.data, 0, 1, device, split="val")
+marks["loaders_built"] = time.time()
+next(iter(train))
+marks["first_batch"] = time.time()
+optimizer = engine.build_optimizer(model, cfg.optim)
+scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, len(train))
+scaler = engine.build_scaler(cfg.precision, device)
+engine.train_epoch(model, train, optimizer, scheduler, scaler, device=device)
+engine.evaluate(model, val, device=device)
+marks["first_epoch_done"] = time.time()
+print("MARKS " + json.dumps(marks))
+"""
+
+
+def _overrides(root: Path, name: str) -> list[str]:
+    return [
+        "epochs=1",
+        "scaling.num_workers=1",
+        f"name={name}",
+        f"data.root={root / 'data'}",
+        f"checkpoint.storage_path={root / 'runs'}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+    ]
+
+
+def _bare(root: Path) -> dict[str, float]:
+    launched = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", BARE, str(launched), str(DIGITS), *_overrides(root, "bare")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ended = time.time()
+    marks = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("MARKS "))[6:])
+    return {
+        "wall_s": ended - launched,
+        "imports_s": marks["imported"] - launched,
+        "config_and_model_s": marks["model_built"] - marks["imported"],
+        "loader_build_s": marks["loaders_built"] - marks["model_built"],
+        "first_batch_s": marks["first_batch"] - marks["loaders_built"],
+        "epoch_s": marks["first_epoch_done"] - marks["first_batch"],
+    }
+
+
+def _kn_dist(root: Path, name: str) -> dict[str, float]:
+    from mlflow import MlflowClient
+
+    cli = Path(sys.executable).with_name("kn-dist")
+    launched = time.time()
+    subprocess.run(
+        [str(cli), "train", str(DIGITS), *_overrides(root, name)], capture_output=True, text=True, check=True
+    )
+    ended = time.time()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    from kn_dist import config
+
+    exp = client.get_experiment_by_name(config.load(DIGITS).tracking.experiment)
+    (run,) = client.search_runs([exp.experiment_id], f"params.name = '{name}'")
+    driver = json.loads(run.data.tags["kn_dist.timeline.driver"])
+    rank0 = json.loads(run.data.tags["kn_dist.timeline.rank0"])
+    return {
+        "wall_s": ended - launched,
+        "driver_imports_s": driver["cli_started"] - launched,
+        "config_prepare_s": driver["config_prepared"] - driver["cli_started"],
+        "ray_start_s": driver["ray_started"] - driver["config_prepared"],
+        "controller_and_worker_start_s": rank0["loop_started"] - driver["fit_started"],
+        "model_build_s": rank0["model_built"] - rank0["loop_started"],
+        "loader_build_s": rank0["loaders_built"] - rank0["model_built"],
+        "epoch_with_first_batch_s": rank0["first_epoch_done"] - rank0["loaders_built"],
+        "after_epoch_to_exit_s": ended - rank0["first_epoch_done"],
+    }
+
+
+def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]}
+
+
+def run(quick: bool = False) -> dict:
+    """{"cases": [...]}: medians of both sides, the kn_dist breakdown, and the ratio of the walls."""
+    repeats = 1 if quick else 3
+    bare, kn = [], []
+    with tempfile.TemporaryDirectory(prefix="kn_bench_startup_") as tmp:
+        root = Path(tmp)
+        for i in range(repeats):  # interleaved: both sides see the same background load
+            bare.append(_bare(root))
+            kn.append(_kn_dist(root, f"startup_{i}"))
+    bare_m, kn_m = _medians(bare), _medians(kn)
+    return {
+        "cases": [
+            {
+                "name": "digits_quick 1 epoch, 1 worker, CPU: kn-dist train vs bare process",
+                "kn_dist_wall_s": kn_m["wall_s"],
+                "bare_wall_s": bare_m["wall_s"],
+                "kn_dist_breakdown_s": kn_m,
+                "bare_breakdown_s": bare_m,
+                "repeats": repeats,
+                "kn_dist_walls_s": [round(r["wall_s"], 2) for r in kn],
+                "bare_walls_s": [round(r["wall_s"], 2) for r in bare],
+                "ratio": round(kn_m["wall_s"] / bare_m["wall_s"], 3),
+                "target": TARGET,
+                "target_wall_s": TARGET_WALL_S,
+                "met": kn_m["wall_s"] <= TARGET_WALL_S or kn_m["wall_s"] / bare_m["wall_s"] <= TARGET,
+            }
+        ]
+    }
