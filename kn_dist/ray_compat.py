@@ -28,20 +28,39 @@ def autoscaler_max_resources() -> dict[str, float] | None:
     """The most CPU/GPU the cluster's autoscaler can provide (every node type at its max_workers), or None.
 
     Ray has no public API for "what could this cluster grow to". Ray Train itself asks the GCS for the
-    autoscaler's cluster config (autoscaler v2: KubeRay, `RAY_enable_autoscaler_v2=1`); on a `ray up`
-    head with autoscaler v1 the same facts are in its bootstrap config file. None on a fixed cluster
-    (a local Ray, `ray start` by hand).
+    autoscaler's cluster config (published there by KubeRay); on a head started with `ray start
+    --autoscaling-config` (`ray up`, Ray's AutoscalingCluster) the same facts are in the file its
+    autoscaler monitor reads, or `ray up`'s bootstrap config. None on a fixed cluster (a local Ray,
+    `ray start` by hand).
     """
     import ray._private.state
 
     reported = ray._private.state.state.get_max_resources_from_cluster_config()
     if reported:
         return {k: float(v) for k, v in reported.items() if k in ("CPU", "GPU")}
-    path = BOOTSTRAP_CONFIG.expanduser()
-    if path.is_file():
-        import yaml
+    for path in (_running_monitor_config(), BOOTSTRAP_CONFIG.expanduser()):
+        if path is not None and path.is_file():
+            import yaml
 
-        return node_types_max_resources(yaml.safe_load(path.read_text()) or {})
+            return node_types_max_resources(yaml.safe_load(path.read_text()) or {})
+    return None
+
+
+def _running_monitor_config() -> Path | None:
+    """The `--autoscaling-config` file of the autoscaler monitor running on this machine (the head), if any.
+
+    Autoscaler v1 and v2 monitors started by `ray start --autoscaling-config` (`ray up`, Ray's local
+    AutoscalingCluster) read their node types from that file and do not publish them in the GCS.
+    """
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if not any(part.endswith(("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")) for part in cmdline):
+            continue
+        for part in cmdline:
+            if part.startswith("--autoscaling-config="):
+                return Path(part.split("=", 1)[1]).expanduser()
     return None
 
 

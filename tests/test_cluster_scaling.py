@@ -118,6 +118,14 @@ def autoscaling_cluster(monkeypatch):
                 config["provider"] = {**config["provider"], "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID}
             return {**config, **config_kwargs}
 
+    # Ray's autoscaler monitor (a process of its own) fills the fake provider's defaults from this file of
+    # the Ray package, which the 2.60 wheel lacks: put the base there for the test, and take it away after.
+    example = Path(ray.__file__).parent / "autoscaler" / "_private" / "fake_multi_node" / "example.yaml"
+    created = not example.exists()
+    if created:
+        example.parent.mkdir(parents=True, exist_ok=True)
+        head = {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
+        example.write_text(yaml.safe_dump({**FAKE_PROVIDER_BASE, "available_node_types": head}))
     # AutoscalingCluster runs the `ray` CLI: the one of this virtual environment.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     assert shutil.which("ray") == str(Path(sys.executable).parent / "ray")
@@ -132,6 +140,8 @@ def autoscaling_cluster(monkeypatch):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if created:
+            example.unlink()
 
 
 def test_sweep_grows_the_autoscaling_cluster_to_three_trials_at_once(autoscaling_cluster, tmp_path, capsys):

@@ -70,7 +70,8 @@ def study(tmp_path_factory):
     work = tmp_path_factory.mktemp("study")
     (work / "study.yaml").write_text(yaml.safe_dump(STUDY))
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Tune saves its experiment state (which checkpoint each trial has) every second, not every ~10 s.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
     args = ("study", "study.yaml", "--tracking-uri", uri, "--address", "local")
     log = (work / "first.log").open("w")
     # Its own process group: the kill takes the local Ray it started with it.
@@ -83,15 +84,20 @@ def study(tmp_path_factory):
             time.sleep(1)
             trials = _runs(client, "trial") if (work / "mlflow.db").exists() else []
             done = [r for r in trials if r.info.status == "FINISHED"]
+            # A trial counts as resumable once Tune's experiment state was saved after its first checkpoint.
+            states = list((work / "runs" / "st").glob("experiment_state-*.json"))
+            saved_at = max((p.stat().st_mtime for p in states), default=0.0)
             checkpointed = [
                 r
                 for r in trials
                 if r.info.status == "RUNNING"
                 and "val_top1" in r.data.metrics
-                and list((work / "runs" / "st").glob(f"trial_{r.data.tags['kn_dist.trial_id']}/checkpoint_*"))
+                and any(
+                    c.stat().st_mtime + 1.5 < saved_at  # the report that registers it comes just after
+                    for c in (work / "runs" / "st").glob(f"trial_{r.data.tags['kn_dist.trial_id']}/checkpoint_*")
+                )
             ]
             if done and checkpointed:
-                time.sleep(3)  # Tune saves its experiment state every few seconds
                 os.killpg(driver.pid, signal.SIGKILL)
                 snapshot = {
                     r.info.run_id: (
