@@ -111,6 +111,7 @@ CASES = [
     ("patch larger than image", [*TRAIN, "model.kwargs={patch_size: 64}", *ISOLATED], "64"),
     ("unknown model kwarg", [*TRAIN, "model.kwargs={depthh: 3}", *ISOLATED], "depthh"),
     # data files
+    ("dataset not written", [*TRAIN, "data.dataset=cifar100", "data.root=nodata", *ISOLATED], "does not exist"),
     ("inspect missing file", ["data", "inspect", "missing.beton"], "missing.beton"),
     ("inspect empty file", ["data", "inspect", "empty.beton"], "empty.beton"),
     ("inspect random bytes", ["data", "inspect", "random.beton"], "random.beton"),

@@ -43,4 +43,4 @@ def test_bench_gpu_without_cuda_says_where_it_stopped(capsys):
     out = json.loads(captured.out)
     assert out["completed"] is False and out["cases"] == []
     assert "stopped at step 2 (CUDA device)" in out["stopped_at"] and "stopped at step 2" in captured.err
-    assert "collected" in out["steps"]["1_environment"]["gpu_tests"]  # the GPU tests exist and import here
+    assert out["steps"]["1_environment"]["nccl_in_torch"] in (True, False)  # the CPU steps ran first

@@ -126,7 +126,7 @@ def test_concurrency_follows_what_the_cluster_can_grow_to(tmp_path):
 
 WORKER_GROUP_SWEEP = {
     "name": "pg_t",
-    "epochs": 2,
+    "epochs": 3,
     "data": {"dataset": "digits", "root": "data16", "image_size": 16, "batch_size": 64, "hflip": False},
     "optim": {"name": "adamw", "weight_decay": 0.01},
     "scaling": {"num_workers": 2, "cpus_per_worker": 1},
@@ -169,7 +169,7 @@ def test_a_stopped_worker_group_trial_frees_its_cpus_for_the_next(tmp_path):
     epochs = {r.config["optim.lr"]: int(r.metrics["epoch"]) for r in results}
     # 2 CPUs, 2 workers per trial: one trial at a time, so the third trial ran only because the stopped
     # second one gave its CPUs back.
-    assert set(epochs) == {0.003, 1e-7, 0.002} and epochs[1e-7] == 1 and epochs[0.003] == 2, epochs
+    assert set(epochs) == {0.003, 1e-7, 0.002} and epochs[1e-7] == 1 and epochs[0.003] == 3, epochs
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("pg_t")
     trials = {
@@ -177,8 +177,11 @@ def test_a_stopped_worker_group_trial_frees_its_cpus_for_the_next(tmp_path):
     }
     assert len(trials) == 3
     for lr, run in trials.items():
-        full = epochs[float(lr)] == 2
+        full = epochs[float(lr)] == 3
         assert run.info.status == ("FINISHED" if full else "KILLED"), (lr, run.info.status)
         assert run.data.tags.get("kn_dist.stopped_early") == (None if full else "true")
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1"))
-        assert steps == list(range(1, epochs[float(lr)] + 1))
+        if full:
+            assert steps == [1, 2, 3]
+        else:  # its workers die shortly after Tune stops it: at most the epoch under way gets logged too
+            assert steps in ([1], [1, 2]), steps
