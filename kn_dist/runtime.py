@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -63,6 +64,19 @@ def quiet_ray_logs() -> None:
     """
     logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    sys.unraisablehook = _quiet_shutdown_exit
+
+
+def _quiet_shutdown_exit(unraisable: Any) -> None:
+    """Drop the one "Exception ignored in ... SystemExit" a Ray worker prints when it is stopped at shutdown.
+
+    Ray's SIGTERM handler raises SystemExit; when the signal lands inside a garbage-collection callback
+    Python cannot raise it and prints it as a traceback, which reads as a failure. Every other
+    unraisable exception still reaches Python's default hook.
+    """
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def ray_runtime_env(*, local: bool = False) -> dict[str, Any]:

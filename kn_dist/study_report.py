@@ -196,11 +196,12 @@ def write_study_report(client: Any, study: Any, study_run_id: str, selected: lis
             secs = statistics.median(x for f in cell.finals for x in f.epoch_seconds)
             ips = statistics.median(x for f in cell.finals for x in f.images_per_s)
             peak = max(f.peak_mem_mb for f in cell.finals)
+            peak_text = f"{peak:.0f}" if peak > 0 else "n/a (CPU)"  # the CUDA allocator's peak; none on CPU
             params = cell.finals[0].num_params
             shown = f"{int(params):,}" if params is not None else "—"
             rows.append(
                 f"| {norm} | {s.n} | {mean_sd} | {ci} | {chosen} | {_epochs_to(_mean_curve(cell)[0], goal)} | "
-                f"{secs:.2f} | {ips:.0f} | {peak:.0f} | {shown} | {cell.finals[0].kn_eval} |"
+                f"{secs:.2f} | {ips:.0f} | {peak_text} | {shown} | {cell.finals[0].kn_eval} |"
             )
             key = f"{model}.{norm.replace('+', '_')}"
             metrics[f"test_top1_mean.{key}"] = s.mean / 100
