@@ -104,13 +104,17 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import contextlib
     import importlib
 
     if args.compile and args.target != "models":
         raise UserError(f"--compile applies to `kn-dist bench models` only, not to bench {args.target!r}")
     module = importlib.import_module(f"kn_dist.bench.{args.target}")
     options = {"compile": True} if args.compile else {}
-    print(json.dumps(module.run(quick=args.quick, **options), indent=2))
+    # stdout carries the one JSON object; progress lines and Tune's tables of the Ray benches go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = module.run(quick=args.quick, **options)
+    print(json.dumps(result, indent=2))
     return 0
 
 
