@@ -58,4 +58,4 @@ def test_fixed_local_cluster_has_no_autoscaler_and_the_coordinator_starts(ray_lo
     assert ray_compat.autoscaler_max_resources() is None  # a local Ray cannot grow
     ray_compat.start_autoscaling_coordinator()
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert any("autoscaling_coordinator" in n.lower() or "coordinator" in n.lower() for n in names), names
+    assert any("coordinator" in n.lower() for n in names), names

@@ -74,45 +74,58 @@ def _bare(root: Path) -> dict[str, float]:
         text=True,
         check=True,
     )
-    ended = time.time()
     marks = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("MARKS "))[6:])
-    return {
-        "wall_s": ended - launched,
-        "imports_s": marks["imported"] - launched,
-        "config_and_model_s": marks["model_built"] - marks["imported"],
-        "loader_build_s": marks["loaders_built"] - marks["model_built"],
-        "first_batch_s": marks["first_batch"] - marks["loaders_built"],
-        "epoch_s": marks["first_epoch_done"] - marks["first_batch"],
-    }
+    marks["exited"] = time.time()
+    return _spans(
+        marks,
+        [
+            ("wall_s", "launched", "exited"),
+            ("imports_s", "launched", "imported"),
+            ("config_and_model_s", "imported", "model_built"),
+            ("loader_build_s", "model_built", "loaders_built"),
+            ("first_batch_s", "loaders_built", "first_batch"),
+            ("epoch_s", "first_batch", "first_epoch_done"),
+        ],
+    )
 
 
 def _kn_dist(root: Path, name: str) -> dict[str, float]:
     from mlflow import MlflowClient
+
+    from kn_dist import config
+    from kn_dist.runtime import TIMELINE_TAG
 
     cli = Path(sys.executable).with_name("kn-dist")
     launched = time.time()
     subprocess.run(
         [str(cli), "train", str(DIGITS), *_overrides(root, name)], capture_output=True, text=True, check=True
     )
-    ended = time.time()
+    exited = time.time()
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    from kn_dist import config
-
     exp = client.get_experiment_by_name(config.load(DIGITS).tracking.experiment)
     (run,) = client.search_runs([exp.experiment_id], f"params.name = '{name}'")
-    driver = json.loads(run.data.tags["kn_dist.timeline.driver"])
-    rank0 = json.loads(run.data.tags["kn_dist.timeline.rank0"])
-    return {
-        "wall_s": ended - launched,
-        "driver_imports_s": driver["cli_started"] - launched,
-        "config_prepare_s": driver["config_prepared"] - driver["cli_started"],
-        "ray_start_s": driver["ray_started"] - driver["config_prepared"],
-        "controller_and_worker_start_s": rank0["loop_started"] - driver["fit_started"],
-        "model_build_s": rank0["model_built"] - rank0["loop_started"],
-        "loader_build_s": rank0["loaders_built"] - rank0["model_built"],
-        "epoch_with_first_batch_s": rank0["first_epoch_done"] - rank0["loaders_built"],
-        "after_epoch_to_exit_s": ended - rank0["first_epoch_done"],
-    }
+    marks = {"launched": launched, "exited": exited}
+    for role in ("driver", "rank0"):  # the two processes' marks have distinct names
+        marks |= json.loads(run.data.tags[TIMELINE_TAG.format(role=role)])
+    return _spans(
+        marks,
+        [
+            ("wall_s", "launched", "exited"),
+            ("driver_imports_s", "launched", "cli_started"),
+            ("config_prepare_s", "cli_started", "config_prepared"),
+            ("ray_start_s", "config_prepared", "ray_started"),
+            ("controller_and_worker_start_s", "fit_started", "loop_started"),
+            ("model_build_s", "loop_started", "model_built"),
+            ("loader_build_s", "model_built", "loaders_built"),
+            ("epoch_with_first_batch_s", "loaders_built", "first_epoch_done"),
+            ("after_epoch_to_exit_s", "first_epoch_done", "exited"),
+        ],
+    )
+
+
+def _spans(marks: dict[str, float], spans: list[tuple[str, str, str]]) -> dict[str, float]:
+    """{name: seconds from mark `start` to mark `end`} for each (name, start, end)."""
+    return {name: marks[end] - marks[start] for name, start, end in spans}
 
 
 def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
