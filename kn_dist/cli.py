@@ -242,9 +242,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kn_dist.runtime import mark
+    from kn_dist.runtime import mark, quiet_ray_logs
 
     mark("cli_started")  # after Python and kn_dist.cli's own imports
+    quiet_ray_logs()  # Ray's and MLflow's INFO records stay off the console from the start
     args = _parse(argv)
     try:
         return args.func(args)

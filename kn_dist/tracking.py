@@ -259,10 +259,17 @@ def param_differences(client: MlflowClient, run_id: str, cfg: ExperimentConfig) 
     """Config keys whose value differs from the params the run was started with.
 
     scaling.num_workers counts: batch_size is per worker, so another world size is another global batch
-    (another experiment), and `kn-dist train --resume` refuses it with this list.
+    (another experiment), and `kn-dist train --resume` refuses it with this list. Where the loop runs
+    (`EXECUTION_ONLY`) does not change the experiment and may differ.
     """
     logged = client.get_run(run_id).data.params
-    return sorted(k for k, v in to_flat_dict(cfg).items() if k in logged and logged[k] != str(v))
+    return sorted(
+        k for k, v in to_flat_dict(cfg).items() if k in logged and logged[k] != str(v) and k not in EXECUTION_ONLY
+    )
+
+
+# Config keys that say how a run executes, not what it computes: a resume may change them.
+EXECUTION_ONLY = frozenset({"scaling.in_process"})
 
 
 def logged_epochs(client: MlflowClient, run_id: str, key: str = "val_top1") -> set[int]:

@@ -1,9 +1,13 @@
-"""`kn-dist train`: one run under a Ray Train V2 TorchTrainer (DESIGN.md §1, §7).
+"""`kn-dist train`: one run under a Ray Train V2 TorchTrainer (DESIGN.md §1, §7), or in this process.
 
 The config is resolved and checked on the driver first (kn_dist.prepare); then a TorchTrainer runs
-kn_dist.worker.train_worker on every rank. A run is identified by `RunConfig(storage_path, name)`:
-Ray Train V2 resumes from the latest checkpoint whenever that pair holds one, so names are stable and
-`--resume` is required to continue (without it an existing run is refused, not overwritten).
+kn_dist.worker.train_worker on every rank. A one-worker run on this machine (local Ray, local storage,
+`scaling.in_process` true, the default) skips Ray altogether: the same loop runs here
+(kn_dist.in_process), with the same checkpoint folders and MLflow records.
+
+A run is identified by (storage_path, name), Ray Train V2's `RunConfig`: it resumes from the latest
+checkpoint whenever that pair holds one, so names are stable and `--resume` is required to continue
+(without it an existing run is refused, not overwritten).
 
 kn_dist.tune builds its multi-worker trials with `build_torch_trainer`; one-worker trials run the
 same loop without a worker group (kn_dist.tune).
@@ -18,13 +22,15 @@ from kn_dist import ray_compat, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.prepare import prepare_config
-from kn_dist.runtime import TIMELINE_TAG, init_ray, mark, say, timeline_json
-from kn_dist.worker import CHECKPOINT_FILE, LoopConfig
+from kn_dist.runtime import TIMELINE_TAG, init_ray, is_local_address, mark, say, timeline_json
+from kn_dist.worker import CHECKPOINT_FILE, LoopConfig, checkpoint_epoch
 
 if TYPE_CHECKING:
     import ray.train
 
-__all__ = ["build_torch_trainer", "has_checkpoint", "prepare_config", "run_training"]
+    from kn_dist.in_process import InProcessResult
+
+__all__ = ["build_torch_trainer", "has_checkpoint", "latest_checkpoint", "prepare_config", "run_training"]
 
 
 def _is_uri(path: str) -> bool:
@@ -77,8 +83,8 @@ def build_torch_trainer(loop: LoopConfig, *, run_name: str, storage_path: str, c
     )
 
 
-def has_checkpoint(storage_path: str, name: str) -> bool:
-    """Whether run `name` under `storage_path` (local, NFS, s3://, gs://) holds a kn_dist checkpoint.
+def latest_checkpoint(storage_path: str, name: str) -> str | None:
+    """The newest kn_dist checkpoint folder of run `name` under `storage_path` (local, NFS, s3://, gs://).
 
     Looks for our own files (`<name>/epoch_NNNN/state.pt`, kn_dist.worker), not for Ray Train's
     bookkeeping, so a renamed Ray file cannot make an existing run look new.
@@ -89,13 +95,36 @@ def has_checkpoint(storage_path: str, name: str) -> bool:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
         run_dir = f"{root.rstrip('/')}/{name}"
         if fs.get_file_info(run_dir).type == pyarrow.fs.FileType.NotFound:
-            return False
+            return None
         entries = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, recursive=False))
-        folders = [e.path for e in entries if e.type == pyarrow.fs.FileType.Directory]
-        files = fs.get_file_info([f"{folder}/{CHECKPOINT_FILE}" for folder in folders])
+        folders = {
+            e.base_name: e.path
+            for e in entries
+            if e.type == pyarrow.fs.FileType.Directory and checkpoint_epoch(e.base_name) is not None
+        }
+        files = fs.get_file_info([f"{path}/{CHECKPOINT_FILE}" for path in folders.values()])
     except (OSError, pyarrow.ArrowException) as err:
         raise UserError(f"checkpoint.storage_path {storage_path!r} cannot be read: {err}") from None
-    return any(f.type == pyarrow.fs.FileType.File for f in files)
+    complete = [base for base, f in zip(folders, files, strict=True) if f.type == pyarrow.fs.FileType.File]
+    if not complete:
+        return None
+    newest = max(complete, key=checkpoint_epoch)
+    return f"{storage_path.rstrip('/')}/{name}/{newest}"
+
+
+def has_checkpoint(storage_path: str, name: str) -> bool:
+    """Whether run `name` under `storage_path` holds a kn_dist checkpoint (`latest_checkpoint`)."""
+    return latest_checkpoint(storage_path, name) is not None
+
+
+def runs_in_process(cfg: ExperimentConfig, address: str | None) -> bool:
+    """Whether `run_training` runs cfg's loop in this process (kn_dist.in_process) rather than under Ray Train."""
+    return (
+        cfg.scaling.num_workers == 1
+        and cfg.scaling.in_process
+        and is_local_address(address)
+        and not _is_uri(cfg.checkpoint.storage_path)
+    )
 
 
 def run_training(
@@ -105,8 +134,10 @@ def run_training(
     *,
     stop_after_epoch: int | None = None,
     fault_drill: dict[str, int] | None = None,
-) -> ray.train.Result:
-    """Train `cfg` under Ray Train, tracked in MLflow; returns Ray's Result (final checkpoint, metrics).
+) -> ray.train.Result | InProcessResult:
+    """Train `cfg` under Ray Train or in this process (`runs_in_process`), tracked in MLflow.
+
+    Returns Ray's Result or its in-process equivalent: `.metrics` (the last epoch's), `.checkpoint`.
 
     `resume` continues the run of the same name from its latest checkpoint, in the same MLflow
     run. `stop_after_epoch` ends the run early but resumably (the schedule still spans
@@ -118,7 +149,8 @@ def run_training(
     mark("config_prepared")
     uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
     storage, name = cfg.checkpoint.storage_path, cfg.name
-    exists = has_checkpoint(storage, name)
+    latest = latest_checkpoint(storage, name)
+    exists = latest is not None
     if exists and not resume:
         raise UserError(
             f"run {name!r} already has checkpoints in {storage}/{name}; pass --resume to continue it "
@@ -141,32 +173,26 @@ def run_training(
     else:
         run_id = tracking.create_run(client, experiment, cfg, tracking.run_tags(cfg, run_key=run_key, kind="train"))
 
-    import ray
-
-    started = init_ray(address)
-    ray_compat.start_autoscaling_coordinator()  # ready before the controller asks (ray_compat)
-    mark("ray_started")
+    loop = LoopConfig(
+        config=cfg,
+        run_key=run_key,
+        mlflow_run_id=run_id,
+        stop_after_epoch=stop_after_epoch,
+        resume_from=latest if resume else None,
+        **(fault_drill or {}),
+    )
+    here = runs_in_process(cfg, address)
+    say(
+        f"{'resuming' if resume else 'starting'} run {name!r}: {cfg.model.name} (norm {cfg.model.norm}) on "
+        f"{cfg.data.dataset}, {cfg.scaling.num_workers} worker(s) {'GPU' if cfg.scaling.use_gpu else 'CPU'}"
+        f"{' in this process' if here else ''}, {cfg.epochs} epochs; MLflow run {run_id} in {uri}"
+    )
     try:
-        loop = LoopConfig(
-            config=cfg, run_key=run_key, mlflow_run_id=run_id, stop_after_epoch=stop_after_epoch, **(fault_drill or {})
-        )
-        trainer = build_torch_trainer(loop, run_name=name, storage_path=storage)
-        say(
-            f"{'resuming' if resume else 'starting'} run {name!r}: {cfg.model.name} (norm {cfg.model.norm}) on "
-            f"{cfg.data.dataset}, {cfg.scaling.num_workers} worker(s) {'GPU' if cfg.scaling.use_gpu else 'CPU'}, "
-            f"{cfg.epochs} epochs; MLflow run {run_id} in {uri}"
-        )
-        mark("fit_started")
-        try:
-            result = trainer.fit()
-        except BaseException:
-            tracking.finish(client, run_id, ok=False)
-            raise
-        mark("fit_returned")
-        client.set_tag(run_id, TIMELINE_TAG.format(role="driver"), timeline_json())
-    finally:
-        if started:
-            ray.shutdown()
+        result = _fit_here(loop) if here else _fit_on_ray(loop, address)
+    except BaseException:
+        tracking.finish(client, run_id, ok=False)
+        raise
+    client.set_tag(run_id, TIMELINE_TAG.format(role="driver"), timeline_json())
     if stop_after_epoch is not None and stop_after_epoch < cfg.epochs:
         tracking.finish(client, run_id, status="KILLED")  # resumable; the worker marks FINISHED at the end
     final: dict[str, Any] = result.metrics or {}
@@ -175,4 +201,30 @@ def run_training(
         f"done: epoch {final.get('epoch')}, val_top1 {top1:.2f}%; "
         f"checkpoint {result.checkpoint.path if result.checkpoint else None}; MLflow run {run_id}"
     )
+    return result
+
+
+def _fit_here(loop: LoopConfig):
+    from kn_dist.in_process import fit_in_process
+
+    mark("fit_started")
+    result = fit_in_process(loop, Path(loop.config.checkpoint.storage_path) / loop.config.name)
+    mark("fit_returned")
+    return result
+
+
+def _fit_on_ray(loop: LoopConfig, address: str | None):
+    import ray
+
+    started = init_ray(address)
+    ray_compat.start_autoscaling_coordinator()  # ready before the controller asks (ray_compat)
+    mark("ray_started")
+    try:
+        trainer = build_torch_trainer(loop, run_name=loop.config.name, storage_path=loop.config.checkpoint.storage_path)
+        mark("fit_started")
+        result = trainer.fit()
+        mark("fit_returned")
+    finally:
+        if started:
+            ray.shutdown()
     return result

@@ -31,6 +31,7 @@ class TuneSession:
     """kn_dist.worker's Session inside a Tune trial's own process: one worker, `ray.tune.report`."""
 
     world_rank, world_size = 0, 1
+    in_driver = False
 
     def __init__(self, use_gpu: bool) -> None:
         import ray

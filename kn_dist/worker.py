@@ -2,8 +2,9 @@
 
 `train_loop(loop, session)` builds the model and the FFCV loaders once, trains with kn_dist.engine,
 logs to MLflow on rank 0 and reports once per epoch on every rank. The `session` says where it
-runs: a Ray Train worker (`RayTrainSession`, DDP over the worker group) or a Ray Tune trial's own
-process (kn_dist.tune, one worker, no worker group). Either way checkpoints hold the model,
+runs: a Ray Train worker (`RayTrainSession`, DDP over the worker group), a Ray Tune trial's own
+process (kn_dist.tune, one worker, no worker group) or the driver itself (kn_dist.in_process, one
+worker, no Ray). Either way checkpoints hold the model,
 optimizer, scheduler, scaler, epoch, every rank's RNG states and the MLflow run id, and a restarted
 run logs only the epochs MLflow does not hold yet, so each epoch appears exactly once.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,6 +61,9 @@ class LoopConfig(BaseModel):
     # checkpoint runs through. For tests and rehearsals.
     fail_after_epoch: int | None = Field(None, ge=1)
     fail_rank: int = Field(0, ge=0)
+    # A checkpoint folder (path or URI) to start from when Ray Train holds none as new: the run's own
+    # latest, which a run begun in the driver's process (kn_dist.in_process) wrote without Ray.
+    resume_from: str | None = None
 
 
 class Session(Protocol):
@@ -68,6 +73,7 @@ class Session(Protocol):
     world_size: int
     device: torch.device
     node_id: str  # the Ray node this rank runs on (tag kn_dist.nodes: where a run went, restarts included)
+    in_driver: bool  # the loop runs in the driver's process: it shares the driver's start-up timeline
 
     def latest_checkpoint(self) -> Any | None:
         """A ray Checkpoint to resume from, or None for a fresh start."""
@@ -79,7 +85,9 @@ class Session(Protocol):
 class RayTrainSession:
     """The loop inside a Ray Train worker: `ray.train.report` is a barrier over the worker group."""
 
-    def __init__(self) -> None:
+    in_driver = False
+
+    def __init__(self, resume_from: str | None = None) -> None:
         import ray
         import ray.train
         import ray.train.torch
@@ -88,11 +96,18 @@ class RayTrainSession:
         self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.resume_from = resume_from
 
     def latest_checkpoint(self) -> Any | None:
+        """Ray Train's latest checkpoint of this run, or the driver's `resume_from` where that is newer."""
         import ray.train
 
-        return ray.train.get_checkpoint()
+        ours = ray.train.get_checkpoint()
+        if self.resume_from is None:
+            return ours
+        if ours is None or (checkpoint_epoch(ours.path) or 0) < (checkpoint_epoch(self.resume_from) or 0):
+            return ray.train.Checkpoint(self.resume_from)
+        return ours
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, dir_name: str | None) -> None:
         import ray.train
@@ -103,7 +118,14 @@ class RayTrainSession:
 
 def train_worker(raw_loop_config: dict[str, Any]) -> None:
     """The Ray Train entry point (TorchTrainer's train_loop_per_worker)."""
-    train_loop(LoopConfig.model_validate(raw_loop_config), RayTrainSession())
+    loop = LoopConfig.model_validate(raw_loop_config)
+    train_loop(loop, RayTrainSession(loop.resume_from))
+
+
+def checkpoint_epoch(path: str) -> int | None:
+    """The epoch of a checkpoint folder named by CHECKPOINT_DIR (local path or URI), else None."""
+    match = re.fullmatch(r"epoch_(\d+)", path.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,7 +152,10 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     # Ray Train sets the root logger to INFO in its workers, and some of its records carry a file path
     # as their logger name (so LoggingConfig cannot filter them): keep INFO off the console.
     logging.getLogger().setLevel(logging.WARNING)
-    restart_timeline("loop_started")
+    if session.in_driver:
+        mark("loop_started")
+    else:  # a fresh worker, or an actor reused for another trial
+        restart_timeline("loop_started")
     cfg = loop.config
     rank, world, device = session.world_rank, session.world_size, session.device
     _configure_torch(cfg, device)

@@ -1,9 +1,10 @@
-"""Fault tolerance of a real 2-worker DDP training under Ray Train (checkpoint.max_failures = 1).
+"""Fault tolerance of real training runs (checkpoint.max_failures = 1).
 
-1. Deterministic: rank 1 fails in epoch 2 of the first attempt (the run's fault drill). Ray Train
-   restarts the worker group, the run continues from the epoch-1 checkpoint and finishes every epoch.
-2. The real thing, once: SIGKILL of one worker process (found by its process title, `ray::RayTrainWorker`)
-   after the first checkpoint; the run recovers the same way.
+1. Deterministic, one worker in kn-dist's own process (kn_dist.in_process): the loop fails in epoch 2
+   of the first attempt (the run's fault drill); it restarts from the epoch-1 checkpoint and finishes
+   every epoch, as Ray Train restarts a worker group.
+2. The real thing, once, on a 2-worker DDP run under Ray Train: SIGKILL of one worker process (found by
+   its process title, `ray::RayTrainWorker`) after the first checkpoint; the run recovers the same way.
 Evidence comes from outside kn_dist's own bookkeeping where it can: the checkpoint files Ray Train
 persisted, the metrics and tags MLflow holds (read with MlflowClient), the processes the OS lists.
 """
@@ -41,7 +42,7 @@ def local_ray(monkeypatch):
         ray.shutdown()
 
 
-def _config(tmp, name: str, epochs: int = EPOCHS):
+def _config(tmp, name: str, epochs: int = EPOCHS, workers: int = 2):
     from kn_dist import config
 
     return config.from_dict(
@@ -56,7 +57,7 @@ def _config(tmp, name: str, epochs: int = EPOCHS):
                 "kwargs": {"input_size": 16, "patch_size": 4, "kernel_size": 3},
             },
             "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+            "scaling": {"num_workers": workers, "cpus_per_worker": 1},
             # Keep every checkpoint so the test can list the epochs that were checkpointed.
             "checkpoint": {"storage_path": str(tmp / "runs"), "keep": 2 * epochs, "max_failures": 1},
             "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "fault_tolerance"},
@@ -90,13 +91,16 @@ def _assert_recovered(cfg, result, run_dir) -> str:
     return run.data.tags.get("kn_dist.resumed_from", "")
 
 
-def test_injected_failure_resumes_from_the_last_checkpoint(local_ray, tmp_path):
-    from kn_dist.trainer import run_training
+def test_injected_failure_in_process_resumes_from_the_last_checkpoint(tmp_path):
+    from kn_dist.trainer import run_training, runs_in_process
 
-    cfg = _config(tmp_path, "drill")
-    result = run_training(cfg, fault_drill={"fail_after_epoch": 1, "fail_rank": 1})
+    cfg = _config(tmp_path, "drill", workers=1)
+    assert runs_in_process(cfg, None)
+    threads = torch.get_num_threads()
+    result = run_training(cfg, fault_drill={"fail_after_epoch": 1, "fail_rank": 0})
     # Restarted once, from epoch 1's checkpoint: a restart from scratch would carry no resumed_from tag.
     assert _assert_recovered(cfg, result, tmp_path / "runs" / "drill") == "1"
+    assert torch.get_num_threads() == threads  # the run's one-CPU setting does not outlive it
 
 
 def _train_workers() -> list[psutil.Process]:

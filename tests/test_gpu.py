@@ -90,6 +90,7 @@ def test_one_gpu_nccl_run_through_ray_train_learns_digits(tmp_path):
             "train",
             str(digits),
             "scaling.num_workers=1",
+            "scaling.in_process=false",  # through Ray Train's worker and NCCL, not the in-process path
             "scaling.use_gpu=true",
             "precision=bf16",
             "channels_last=true",

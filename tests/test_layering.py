@@ -47,6 +47,8 @@ def _tier(module: str) -> int | None:
     if len(parts) < 2:
         return None
     head = parts[1]
+    if head == "in_process":  # the trainer's one-worker path, below trainer.py itself
+        head = "trainer"
     if head in ("tune", "tune_search"):
         head = "tune"
     if head in ("study", "study_report"):

@@ -1,7 +1,8 @@
 """`kn-dist train` end to end under a real local Ray, real FFCV data and a real MLflow store (issue 6).
 
-Three TorchTrainer runs in all (they cost ~40 s each on 2 cores): the digits_quick run through the
-CLI, and the same config stopped after epoch 2 and resumed. Bad configs (exit 2, one line, nothing
+Two TorchTrainer runs in all (they cost ~40 s each on 2 cores): the digits_quick run through the CLI
+(2 workers), and a one-worker run begun in kn-dist's own process (kn_dist.in_process), resumed under
+Ray Train, checked against the same run uninterrupted in process. Bad configs (exit 2, one line, nothing
 started) are tests/test_bad_input.py's.
 """
 
@@ -17,7 +18,7 @@ from mlflow import MlflowClient
 from kn_dist import cli, config, data, engine, tracking
 from kn_dist.errors import UserError
 from kn_dist.models import create_model
-from kn_dist.trainer import run_training
+from kn_dist.trainer import run_training, runs_in_process
 from kn_dist.worker import CHECKPOINT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,32 +108,51 @@ def test_digits_quick_reaches_95_percent_and_is_tracked(digits_run, tmp_path):
     assert here["top1"] == pytest.approx(max(val_top1, key=lambda m: m.step).value, abs=1e-9)
 
 
+def _weights(result) -> dict:
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)["model"]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_resume_gives_the_uninterrupted_weights(digits_run, tmp_path, digits_root):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_resume_across_process_and_ray_train_gives_the_uninterrupted_weights(ray_local, tmp_path, digits_root):
+    """One worker: epoch 1 in kn-dist's own process, the rest resumed under Ray Train (a worker actor),
+    against the same run uninterrupted in process. Same weights, bit for bit; the same MLflow records."""
+    base = [f"data.root={digits_root}", "scaling.num_workers=1", "epochs=3"]
     cfg = config.load(
-        DIGITS, [f"checkpoint.storage_path={tmp_path / 'runs'}", f"data.root={digits_root}", f"tracking.uri={uri}"]
+        DIGITS, [*base, f"checkpoint.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'a.db'}"]
     )
-    first = run_training(cfg, stop_after_epoch=2)
-    assert first.metrics["epoch"] == 2
+    assert runs_in_process(cfg, None) and not runs_in_process(cfg.model_copy(deep=True), "auto")
+    first = run_training(cfg, stop_after_epoch=1)
+    assert first.metrics["epoch"] == 1
+    assert sorted(p.name for p in (tmp_path / "runs" / cfg.name).iterdir()) == ["epoch_0001"]
     with pytest.raises(UserError, match="pass --resume"):
         run_training(cfg)  # an existing run is never silently restarted or overwritten
-    final = run_training(cfg, resume=True)
+    on_ray = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"in_process": False})})
+    final = run_training(on_ray, resume=True)
     assert final.metrics["epoch"] == cfg.epochs
 
-    client, run = _single_run(uri, cfg.tracking.experiment)  # the same MLflow run continued
+    client, run = _single_run(cfg.tracking.uri, cfg.tracking.experiment)  # the same MLflow run continued
     _assert_one_value_per_epoch(client, run.info.run_id, cfg.epochs)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["kn_dist.resumed_from"] == "2"  # restored from the epoch-2 checkpoint, not from scratch
+    assert run.data.tags["kn_dist.resumed_from"] == "1"  # restored from the epoch-1 checkpoint, not from scratch
+    nodes = run.data.tags["kn_dist.nodes"].split(",")
+    assert nodes[0].startswith("local:") and len(nodes) == 2 and len(nodes[1]) == 56  # then a Ray node id
 
-    with final.checkpoint.as_directory() as folder:
-        resumed = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)["model"]
-    reference_client, reference_run = _single_run(digits_run["uri"], cfg.tracking.experiment)
-    out = tmp_path / "reference"
-    out.mkdir()
-    reference_dir = reference_client.download_artifacts(reference_run.info.run_id, "model", str(out))
-    reference = torch.load(Path(reference_dir) / "weights.pt")
+    whole_cfg = config.load(
+        DIGITS, [*base, f"checkpoint.storage_path={tmp_path / 'whole'}", f"tracking.uri=sqlite:///{tmp_path / 'b.db'}"]
+    )
+    reference = _weights(run_training(whole_cfg))
+    resumed = _weights(final)
     assert reference.keys() == resumed.keys()
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+    whole_client, whole = _single_run(whole_cfg.tracking.uri, cfg.tracking.experiment)
+    for key in tracking.EPOCH_METRICS:
+        if key in ("epoch_seconds", "images_per_s"):
+            continue
+        a = [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        b = [m.value for m in sorted(whole_client.get_metric_history(whole.info.run_id, key), key=lambda m: m.step)]
+        assert a == b, key
+    differ = {k for k in run.data.params if run.data.params[k] != whole.data.params.get(k)}
+    assert differ == {"checkpoint.storage_path", "tracking.uri"}, differ

@@ -74,6 +74,7 @@ def run(quick: bool = False) -> dict:
             [
                 f"epochs={epochs}",
                 "scaling.num_workers=1",
+                "scaling.in_process=false",  # the Ray Train path is what this bench measures
                 f"checkpoint.keep={epochs}",
                 f"checkpoint.storage_path={tmp}/runs",
                 f"tracking.uri=sqlite:///{tmp}/mlflow.db",
