@@ -5,15 +5,17 @@ a multi-node cluster that loses the node running a trial.
    clusters' GPU-less heads) and a node type of 1 CPU, min 0, max 4. A 4-trial sweep must ask the
    autoscaler for nodes and run at least 3 trials at once: overlap measured from MLflow's own run start
    and end times, not from kn_dist's bookkeeping.
-2. `ray.cluster_utils.Cluster`: a 0-CPU head and two 1-CPU nodes; the node running a trial is removed
-   after the trial's first checkpoint. Tune restarts the trial on the other node from that checkpoint;
-   MLflow holds one run with one value per epoch, started on two nodes.
+2. `ray.cluster_utils.Cluster`: a 0-CPU head and three 1-CPU nodes. After the trial's first checkpoint its
+   node is drained with notice (`ray drain-node`, reason PREEMPTION) and then killed; once the trial
+   restarts elsewhere, that node is stopped without notice. With max_failures=1 the trial finishes on
+   the third node (Tune does not count the preempted loss): one MLflow run, one value per epoch.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -163,12 +165,12 @@ def test_sweep_grows_the_autoscaling_cluster_to_three_trials_at_once(autoscaling
 
 
 @pytest.fixture
-def three_nodes():
+def four_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
     try:
         yield cluster, workers
@@ -177,12 +179,26 @@ def three_nodes():
         cluster.shutdown()
 
 
-def test_trial_moves_to_another_node_when_its_node_is_lost(three_nodes, tmp_path):
+def _drain_with_notice(address: str, node_id: str) -> None:
+    """What a cloud's spot / preemption notice becomes on a Ray cluster: `ray drain-node`, reason PREEMPTION."""
+    ray_cli = Path(sys.executable).parent / "ray"
+    subprocess.run(
+        [str(ray_cli), "drain-node", "--address", address, "--node-id", node_id,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+         "--deadline-remaining-seconds", "30"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_trial_survives_a_drained_node_and_a_lost_node_with_one_failure_allowed(four_nodes, tmp_path):
+    """Epoch 1's node is drained with notice, then goes; the next node just goes. max_failures=1 is enough:
+    Tune does not count the drained node's loss (its actor died preempted), and counts the plain loss."""
     from kn_dist.tune import run_sweep
 
-    cluster, workers = three_nodes
-    path = _sweep(tmp_path, "lost", trials=1, epochs=3, max_failures=1)
+    cluster, workers = four_nodes
+    path = _sweep(tmp_path, "lost", trials=1, epochs=8, max_failures=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
     outcome: dict = {}
 
     def sweep() -> None:
@@ -191,28 +207,35 @@ def test_trial_moves_to_another_node_when_its_node_is_lost(three_nodes, tmp_path
         except BaseException as err:
             outcome["error"] = err
 
+    def node_once(starts: int, *, checkpointed: bool):
+        """The trial's node once the trial has started on `starts` nodes (and, if `checkpointed`, reported
+        a checkpointed epoch on the last of them)."""
+        deadline = time.monotonic() + 300
+        while True:
+            (trial,) = _trials(uri, "lost") or (None,)
+            assert thread.is_alive() and time.monotonic() < deadline, outcome
+            nodes = trial.data.tags.get("kn_dist.nodes", "").split(",") if trial else []
+            if len(nodes) == starts and (not checkpointed or client.get_metric_history(trial.info.run_id, "val_top1")):
+                if checkpointed:
+                    time.sleep(2)  # the report's checkpoint reaches Tune's state just after MLflow has the epoch
+                return next(w for w in workers if w.node_id == nodes[-1])
+            time.sleep(0.2)
+
     thread = threading.Thread(target=sweep, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 420
-    victim = None
-    while victim is None:  # the node that runs the trial, once its epoch-1 checkpoint exists
-        assert thread.is_alive() and time.monotonic() < deadline, outcome
-        time.sleep(0.5)
-        (trial,) = _trials(uri, "lost") or (None,)
-        if trial is None or "val_top1" not in trial.data.metrics:
-            continue
-        folder = tmp_path / "runs" / "lost" / f"trial_{trial.data.tags['kn_dist.trial_id']}"
-        if list(folder.glob("checkpoint_*")):
-            time.sleep(2)  # Tune records the checkpoint in its state after the report
-            node_id = trial.data.tags["kn_dist.nodes"]
-            victim = next(w for w in workers if w.node_id == node_id)
-    cluster.remove_node(victim)
+    drained = node_once(1, checkpointed=True)
+    _drain_with_notice(cluster.address, drained.node_id)
+    time.sleep(3)  # the notice period, shortened: then the cloud takes the machine, no SIGTERM
+    cluster.remove_node(drained, allow_graceful=False)
+    lost = node_once(2, checkpointed=False)  # restarted from its checkpoint; this node goes without notice
+    cluster.remove_node(lost)
     thread.join(timeout=420)
     assert not thread.is_alive() and "error" not in outcome, outcome
     (trial,) = _trials(uri, "lost")
     nodes = trial.data.tags["kn_dist.nodes"].split(",")
-    assert len(nodes) == 2 and nodes[0] == victim.node_id and nodes[1] != victim.node_id
-    assert trial.info.status == "FINISHED" and trial.data.tags["kn_dist.resumed_from"] in ("1", "2")
-    client = MlflowClient(uri)
+    assert nodes[:2] == [drained.node_id, lost.node_id] and len(nodes) == 3 and nodes[2] not in nodes[:2]
+    # Node 2 may go before or after it restores: one or two restores, each from a saved epoch.
+    resumed = [int(e) for e in trial.data.tags["kn_dist.resumed_from"].split(",")]
+    assert trial.info.status == "FINISHED" and len(resumed) in (1, 2) and min(resumed) >= 1, resumed
     for key in ("val_top1", "train_loss", "lr"):
-        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, key)) == [1, 2, 3], key
+        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, key)) == list(range(1, 9)), key
