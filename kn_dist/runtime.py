@@ -55,6 +55,37 @@ def say(message: str) -> None:
     print(f"{PROGRESS_PREFIX} {message}", flush=True)
 
 
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+HEAP_KEEP_BYTES = 1 << 30
+_heap_kept = False
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Reuse freed CPU tensor memory instead of returning it to the OS at every free (glibc only).
+
+    Why: by default glibc serves each allocation above its (dynamic) mmap threshold with fresh pages
+    and trims the heap's top when memory is freed, so a CPU training step that allocates the same large
+    temporaries every step page-faults them in again every step. Measured on the 2-core dev machine
+    (batch 32, fp32): KNResNet-18 took 220 k minor faults and 1.11 s per step, 0.82 s with this; BN
+    ResNet-18 and DenseNet, which reuse their blocks, were unchanged. Allocations then come from the
+    heap (no mmap) and up to HEAP_KEEP_BYTES of free memory stays mapped: resident memory stays at the
+    step's peak, which the next step needs again. GPU memory has its own caching allocator.
+    Returns whether it is in effect (False on other C libraries, where nothing is changed).
+    """
+    global _heap_kept
+    if _heap_kept:
+        return True
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    _heap_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
+    return _heap_kept
+
+
 def quiet_ray_logs() -> None:
     """Keep Ray's own INFO and WARNING records off the console in this process (they still reach Ray's files).
 

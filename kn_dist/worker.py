@@ -4,9 +4,9 @@
 logs to MLflow on rank 0 and reports once per epoch on every rank. The `session` says where it
 runs: a Ray Train worker (`RayTrainSession`, DDP over the worker group), a Ray Tune trial's own
 process (kn_dist.tune, one worker, no worker group) or the driver itself (kn_dist.in_process, one
-worker, no Ray). Either way checkpoints hold the model,
-optimizer, scheduler, scaler, epoch, every rank's RNG states and the MLflow run id, and a restarted
-run logs only the epochs MLflow does not hold yet, so each epoch appears exactly once.
+worker, no Ray). Either way checkpoints hold the model, optimizer, scheduler, scaler, epoch, every
+rank's RNG states and the MLflow run id, and a restarted run logs only the epochs MLflow does not
+hold yet, so each epoch appears exactly once.
 
 Order at the last epoch: test evaluation (final runs only), final artifacts and FINISHED status,
 then the last report. A Tune scheduler may stop a trial at any report, so nothing is left for
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kn_dist import data, engine, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.models import create_model
-from kn_dist.runtime import PROGRESS_PREFIX, TIMELINE_TAG, mark, restart_timeline, timeline_json
+from kn_dist.runtime import PROGRESS_PREFIX, TIMELINE_TAG, keep_freed_cpu_memory, mark, restart_timeline, timeline_json
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIR = "epoch_{epoch:04d}"  # one directory per checkpointed epoch, under the run's storage
@@ -200,11 +200,11 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
 
 
 def _configure_torch(cfg: ExperimentConfig, device: torch.device) -> None:
+    if device.type == "cpu":  # no page faults for each step's temporaries (runtime.py)
+        keep_freed_cpu_memory()
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
 
 def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *, evaluate_test: bool) -> _Run:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from kn_dist.layers.kernel_norm import KNConv2d, _kn_conv2d_autograd
+from kn_dist.runtime import keep_freed_cpu_memory
 
 BATCH = 32
 DROPOUT_P = 0.05
@@ -154,6 +155,7 @@ def _measure(shape: tuple, impls: list[str], repeats: int) -> dict:
 def run(quick: bool = False) -> dict:
     """Benchmark every shape; returns {"cases": [...]} with raw figures and the issue's ratios."""
     torch.set_num_threads(THREADS)
+    heap_kept = keep_freed_cpu_memory()  # as in every CPU training process (kn_dist.worker)
     repeats = 3 if quick else 11
     impls = ["kn", "official", "conv_bn"] + ([] if quick else ["pooled"])
     shapes = SHAPES[:1] if quick else SHAPES
@@ -178,5 +180,6 @@ def run(quick: bool = False) -> dict:
             )
     return {
         "cases": cases,
-        "settings": {"threads": THREADS, "repeats": repeats, "dropout_p": DROPOUT_P, "dtype": "float32"},
+        "settings": {"threads": THREADS, "repeats": repeats, "dropout_p": DROPOUT_P, "dtype": "float32"}
+        | {"freed_cpu_memory_kept": heap_kept},
     }

@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from kn_dist.models import create_model, list_models, model_info
 from kn_dist.models._registry import shape_probe
 from kn_dist.models.summary import forward_flops
+from kn_dist.runtime import keep_freed_cpu_memory
 
 # One CIFAR-size model per family; entries that are not registered (yet) are skipped.
 MODELS = ["resnet18_cifar", "densenet_bc100", "convnext_cifar", "convmixer_256_8", "vit_cifar", "conformer_tiny_cifar"]
@@ -149,8 +150,10 @@ def pairs() -> list[tuple[str, str, str]]:
 def run(quick: bool = False, compile: bool = False) -> dict:
     """Benchmark every pair (both models torch.compile'd with `compile`); {"cases": [...], "settings": {...}}."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    heap_kept = False
     if device.type == "cpu":
         torch.set_num_threads(THREADS)
+        heap_kept = keep_freed_cpu_memory()  # as in every CPU training process (kn_dist.worker)
     repeats = 3 if quick else 11
     batch = 8 if quick else BATCH
     todo = pairs()[:1] if quick else pairs()
@@ -158,6 +161,7 @@ def run(quick: bool = False, compile: bool = False) -> dict:
     settings = {"device": str(device), "batch": batch, "repeats": repeats, "dtype": "float32", "compile": compile}
     if device.type == "cpu":
         settings["threads"] = THREADS
+        settings["freed_cpu_memory_kept"] = heap_kept
     else:
         settings["gpu"] = torch.cuda.get_device_name(device)
     return {"cases": cases, "settings": settings}
