@@ -19,6 +19,17 @@ from torch import Tensor
 SPARSE_MAX_P = 0.25
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Whether t (4-D) is stored channels_last (NHWC) rather than contiguous (NCHW)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_flat(t: Tensor) -> Tensor:
+    """t, contiguous or channels_last, as a 1-D view in memory order: the order flat drop indices use
+    (KNConv2d computes a channels_last input in its own layout)."""
+    return t.permute(0, 2, 3, 1).reshape(-1) if is_channels_last(t) else t.view(-1)
+
+
 def uses_sparse_draw(x: Tensor, dropout_p: float) -> bool:
     """Whether `draw_dropped` returns flat indices (CPU, small p, eager) rather than a bool mask."""
     if torch.compiler.is_compiling():  # data-dependent sizes would break the graph
@@ -71,9 +82,12 @@ def dropped_mask(x: Tensor, dropped: Tensor) -> Tensor:
     """The bool mask (shape of x, True = dropped) of a `draw_dropped` result."""
     if dropped.dtype == torch.bool:
         return dropped
-    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
-    mask[dropped] = True
-    return mask.view(x.shape)
+    # flat indices count in x's memory order: NHWC for a channels_last x, else NCHW
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if is_channels_last(x):
+        mask = mask.contiguous(memory_format=torch.channels_last)
+    memory_flat(mask)[dropped] = True
+    return mask
 
 
 def dropout_keep_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None = None) -> Tensor:

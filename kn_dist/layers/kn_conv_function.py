@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kn_dist.layers.dropout_draws import is_channels_last, memory_flat
+
 MAP_DTYPE = torch.float64  # the 1-channel window maps (see the module docstring)
 
 
@@ -79,10 +81,19 @@ def _pool_backward(g: Tensor, size, kernel, stride, padding) -> Tensor:
     return _window_sum_transpose(t, -1, size[1], kernel[1], stride[1], padding[1])
 
 
-def _pixel_maps(xs: Tensor, dropped: Tensor | None) -> tuple[Tensor, Tensor]:
+def _as_ncl(t: Tensor) -> Tensor:
+    """t (N, C, H, W), NCHW or channels_last, as an (N, C, H*W) view without a copy (other layouts: copied)."""
+    n, c = t.shape[:2]
+    if is_channels_last(t):
+        return t.permute(0, 2, 3, 1).reshape(n, -1, c).mT
+    return t.contiguous().view(n, c, -1)
+
+
+def _pixel_maps(xs: Tensor, dropped: Tensor | None, channels_last: bool = False) -> tuple[Tensor, Tensor]:
     """Per-pixel statistics of e = x * keep over the C channels.
 
-    xs: (N, C, L) in the statistics dtype. Returns the centre m (N, 1, L), the channel mean of x (of
+    xs: (N, C, L) in the statistics dtype, a view of x in x's layout (`channels_last`: memory order
+    N, L, C, which is also the order of flat drop indices). Returns the centre m (N, 1, L), the channel mean of x (of
     e with a dense mask), and maps (N, 2, L) float64: [mean of e, mean of e^2], the latter formed as
     v + 2 m q + m^2 with v = mean_c (e - m)^2 (a two-pass variance) and q = mean_c (e - m).
     Sparse drops (flat indices into x) correct both around m: a dropped element x_d turns
@@ -101,8 +112,12 @@ def _pixel_maps(xs: Tensor, dropped: Tensor | None) -> tuple[Tensor, Tensor]:
         maps[:, :1] = md
         torch.addcmul(v, md, md, out=maps[:, 1:])
         return m, maps
-    xd = xs.reshape(-1).index_select(0, dropped).to(MAP_DTYPE)
-    pix = dropped // (c * length) * length + dropped % length  # flat (n, l) of each dropped element
+    if channels_last:
+        xd = xs.mT.reshape(-1).index_select(0, dropped).to(MAP_DTYPE)
+        pix = dropped // c  # memory order (n, l, c): flat (n, l) of each dropped element
+    else:
+        xd = xs.reshape(-1).index_select(0, dropped).to(MAP_DTYPE)
+        pix = dropped // (c * length) * length + dropped % length
     corr = torch.empty((2, dropped.numel()), dtype=MAP_DTYPE, device=xs.device)
     torch.mul(xd, -1.0 / c, out=corr[0])
     torch.mul(corr[0], xd - 2.0 * md.view(-1).index_select(0, pix), out=corr[1])
@@ -135,7 +150,7 @@ class KNConv2dFunction(torch.autograd.Function):
         kernel = tuple(weight.shape[-2:])
         n, c, h, w = x.shape
         sdt = stats_dtype(x)
-        _, maps = _pixel_maps(x.reshape(n, c, h * w).to(sdt), dropped)
+        _, maps = _pixel_maps(_as_ncl(x.to(sdt)), dropped, is_channels_last(x))
         win = _pool(maps.view(n, 2, h, w), kernel, stride, padding)  # (N, 2, H', W'): mean e, mean e^2
         mu = win[:, :1] * scale
         var = torch.addcmul(win[:, 1:], win[:, :1], win[:, :1], value=-1.0).clamp_min_(0.0)
@@ -169,10 +184,11 @@ class KNConv2dFunction(torch.autograd.Function):
             z = F.conv2d(x, weight, None, stride, padding, 1, groups)
         n, o, h_out, w_out = gy.shape
         c, sdt = x.shape[1], rhs.dtype
-        gy3 = gy.contiguous().view(n, o, -1).to(sdt)  # (N, O, L)
+        gy3 = _as_ncl(gy.to(sdt))  # (N, O, L), in gy's layout
+        z3 = _as_ncl(z)
         g1 = torch.matmul(sum_w.view(1, o), gy3)  # (N, 1, L)
-        gz_sum = (gy3 * z.view(n, o, -1).to(sdt)).sum(dim=1, keepdim=True)
-        del z  # the peak of backward is at the conv backward below
+        gz_sum = (gy3 * z3.to(sdt)).sum(dim=1, keepdim=True)
+        del z, z3  # the peak of backward is at the conv backward below
         # per window, float64: [g_mu - 2 g_var mu, g_var]
         g1 = g1.view(n, 1, h_out, w_out).to(MAP_DTYPE)
         gz_sum = gz_sum.view(n, 1, h_out, w_out).to(MAP_DTYPE)
@@ -185,7 +201,7 @@ class KNConv2dFunction(torch.autograd.Function):
         ab = ab.to(sdt).mul_(scale / (c * weight.shape[-2] * weight.shape[-1]))
         # Over (N, L): the grads of sum_w (it reaches every weight of its filter) and of the bias.
         red = torch.matmul(gy3, rhs.mT).sum(0)  # (O, K)
-        gz = (gy3 * rstd.view(n, 1, -1).to(sdt)).view(gy.shape).to(x.dtype)
+        gz = (gy.to(sdt) * rstd.to(sdt)).to(x.dtype)  # in gy's layout, as the conv backward wants
         gx, gw, _ = torch.ops.aten.convolution_backward(
             gz, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, (True, True, False)
         )
@@ -195,11 +211,12 @@ class KNConv2dFunction(torch.autograd.Function):
         a, b = ab[:, :1], ab[:, 1:]
         if dropped is None or dropped.dtype != torch.bool:
             # in place; dropped elements (flat indices) get their conv-only gradient back exactly
-            gx = gx.contiguous()  # flat indices are in NCHW order
-            kept_out = None if dropped is None else gx.view(-1).index_select(0, dropped)
+            # flat indices are in x's memory order: gx in x's layout
+            gx = gx.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+            kept_out = None if dropped is None else memory_flat(gx).index_select(0, dropped)
             gx.addcmul_(b, x).add_(a)
             if kept_out is not None:
-                gx.view(-1).index_copy_(0, dropped, kept_out)
+                memory_flat(gx).index_copy_(0, dropped, kept_out)
         else:
             gx.add_(torch.addcmul(a, b, x.to(sdt)).masked_fill_(dropped, 0.0))
         return gx, gw, gb, None, None, None, None, None, None

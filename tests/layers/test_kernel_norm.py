@@ -192,6 +192,31 @@ def test_module_dropout_uses_the_public_mask():
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k,s,p,groups", [(3, 1, 1, 1), (7, 1, 3, 8), (2, 2, 0, 1), (1, 1, 0, 1)])
+def test_channels_last_input_gives_the_reference_in_channels_last(k, s, p, groups):
+    """A channels_last input is computed in its own layout (the sparse CPU dropout path, flat indices in
+    NHWC order): output and gradients equal the naive reference's (autograd) for the mask that
+    `dropout_keep_mask` draws under the same seed, and the output stays channels_last."""
+    c = 8
+    torch.manual_seed(1)
+    layer = KNConv2d(c, 8, k, s, p, groups=groups, dropout_p=0.2).double().train()
+    x = _inputs(c=c, dtype=torch.float64).relu()  # relu: zero windows, as dead units leave
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(5)
+    y = layer(x_cl)
+    torch.manual_seed(5)
+    keep = dropout_keep_mask(x_cl, 0.2)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    x_ref = x.clone().requires_grad_()
+    expected = naive_kn_conv(x_ref, layer.weight, layer.bias, k, s, p, groups, keep, 0.2)
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(y, (x_cl, layer.weight, layer.bias), gy)
+    want = torch.autograd.grad(expected, (x_ref, layer.weight, layer.bias), gy)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+
+
 def test_dropout_mask_rate():
     keep = dropout_keep_mask(torch.empty(1_000_000), 0.05, generator=torch.Generator().manual_seed(0))
     drop_rate = 1.0 - keep.double().mean().item()
