@@ -52,7 +52,9 @@ class _Ops:
             conv: nn.Module = self.kn_layers.conv(cin, cout, k, padding=lo)
         else:  # padded zeros count in the statistics either way, so a ZeroPad2d in front is the same
             conv = nn.Sequential(nn.ZeroPad2d((lo, hi, lo, hi)), self.kn_layers.conv(cin, cout, k))
-        return [("relu", nn.ReLU()), ("conv", conv)]
+        # in place, as the BN form: a unit's input is always a fresh tensor (a concatenation or a KNConv
+        # output, which KNConv's backward does not keep), and the copy costs a pass over the features
+        return [("relu", nn.ReLU(inplace=True)), ("conv", conv)]
 
     def final(self, c: int) -> nn.Module:
         return self.kn_layers.head() if self.kn else self.norm(c)
