@@ -102,7 +102,7 @@ def _pixel_maps(xs: Tensor, dropped: Tensor | None, channels_last: bool = False)
     n, c, length = xs.shape
     sparse = dropped is not None and dropped.dtype != torch.bool
     if dropped is not None and not sparse:
-        xs = xs.masked_fill(dropped.view(n, c, length), 0.0)
+        xs = xs.masked_fill(_as_ncl(dropped), 0.0)
     avg = torch.full((1, c), 1.0 / c, dtype=xs.dtype, device=xs.device)
     m = torch.matmul(avg, xs)  # (N, 1, L)
     v = torch.matmul(avg, F.mse_loss(xs, m.expand_as(xs), reduction="none")).to(MAP_DTYPE)  # (x - m)^2 in one pass

@@ -215,6 +215,12 @@ def test_channels_last_input_gives_the_reference_in_channels_last(k, s, p, group
     want = torch.autograd.grad(expected, (x_ref, layer.weight, layer.bias), gy)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+    # the same mask given as a (channels_last) bool keep mask: the dense path, as on GPU
+    given = kn_conv2d(x_cl, layer.weight, layer.bias, s, p, groups, 0.2, True, EPS, keep_mask=keep)
+    torch.testing.assert_close(given, expected, atol=1e-10, rtol=1e-10)
+    got = torch.autograd.grad(given, (x_cl, layer.weight, layer.bias), gy)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
 
 
 def test_dropout_mask_rate():
