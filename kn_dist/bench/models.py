@@ -140,9 +140,10 @@ def bench_pair(
 def _bench_or_error(name: str, base: str, kn: str, repeats: int, batch: int, device: torch.device, compiled: bool):
     """bench_pair, or a case that names the error: one pair that fails does not lose the others' figures."""
     if compiled:
-        # Each pair compiles afresh, as a training process would: dynamo's recompile counts are per code
-        # object and process-wide, and after 7 earlier models' recompilations of the KNConv2d frames the
-        # Conformer's compile failed in inductor (it compiles and trains on its own).
+        # Each pair compiles afresh, as a training process would (dynamo's caches and recompile counts
+        # are process-wide). Known (torch 2.14, CPU): the Conformer pair still fails here after the other
+        # pairs (InductorError "Cannot convert expression to float"), though each of its two models
+        # compiles and trains in a process of its own; it is reported as an error case.
         torch.compiler.reset()
     try:
         return bench_pair(name, base, kn, repeats, batch, device, compiled=compiled)
