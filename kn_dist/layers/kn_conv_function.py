@@ -93,9 +93,10 @@ def _pixel_maps(xs: Tensor, dropped: Tensor | None, channels_last: bool = False)
     """Per-pixel statistics of e = x * keep over the C channels.
 
     xs: (N, C, L) in the statistics dtype, a view of x in x's layout (`channels_last`: memory order
-    N, L, C, which is also the order of flat drop indices). Returns the centre m (N, 1, L), the channel mean of x (of
-    e with a dense mask), and maps (N, 2, L) float64: [mean of e, mean of e^2], the latter formed as
-    v + 2 m q + m^2 with v = mean_c (e - m)^2 (a two-pass variance) and q = mean_c (e - m).
+    N, L, C, which is also the order of flat drop indices). Returns the centre m (N, 1, L), the
+    channel mean of x (of e with a dense mask), and maps (N, 2, L) float64: [mean of e, mean of
+    e^2], the latter formed as v + 2 m q + m^2 with v = mean_c (e - m)^2 (a two-pass variance) and
+    q = mean_c (e - m).
     Sparse drops (flat indices into x) correct both around m: a dropped element x_d turns
     (x_d - m) into -m, so q gains -x_d / C and v gains -x_d (x_d - 2 m) / C.
     """
