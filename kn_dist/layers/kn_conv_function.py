@@ -121,12 +121,13 @@ def _pixel_maps(xs: Tensor, dropped: Tensor | None, channels_last: bool = False)
         pix = dropped // (c * length) * length + dropped % length
     corr = torch.empty((2, dropped.numel()), dtype=MAP_DTYPE, device=xs.device)
     torch.mul(xd, -1.0 / c, out=corr[0])
-    torch.mul(corr[0], xd - 2.0 * md.view(-1).index_select(0, pix), out=corr[1])
+    torch.mul(corr[0], xd, out=corr[1])
     sums = torch.zeros((2, n * length), dtype=MAP_DTYPE, device=xs.device).scatter_add_(1, pix.expand(2, -1), corr)
-    q, dv = sums[0].view(n, 1, length), sums[1].view(n, 1, length)
+    q, s2 = sums[0].view(n, 1, length), sums[1].view(n, 1, length)  # s2 = -sum_d x_d^2 / C
     torch.add(md, q, out=maps[:, :1])
-    # mean e^2 = v + dv + 2 m q + m^2
-    torch.addcmul(v.add_(dv), md, q.mul(2.0).add_(md), out=maps[:, 1:])
+    # mean e^2 = v + dv + 2 m q + m^2 with dv = s2 - 2 m q (the sum of -x_d (x_d - 2 m) / C): = v + s2 + m^2,
+    # without gathering m at each dropped element
+    torch.addcmul(v.add_(s2), md, md, out=maps[:, 1:])
     return m, maps
 
 

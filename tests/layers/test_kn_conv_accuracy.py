@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kn_dist.layers import kn_conv2d
+from kn_dist.layers.dropout_draws import draw_dropped, dropped_mask
+from kn_dist.layers.kn_conv_function import KNConv2dFunction
 
 EPS = 1e-5
 
@@ -91,3 +93,26 @@ def test_low_relative_variance_is_as_accurate_as_the_official_method(name, offse
     x = offset + spread * torch.randn(2, 16, 12, 12, generator=gen)
     ours, official = _errors(x, 16, 3, 1)
     assert ours <= max(1e-5, 3.0 * official), (name, ours, official)
+
+
+@pytest.mark.parametrize("name", ["large offset", "near-constant", "dead units"])
+def test_sparse_drop_path_in_fp32_matches_the_dense_mask_in_fp64(name):
+    """CPU training draws drops as flat indices and corrects the statistics sparsely; in fp32 that must
+    agree with the same drop given as a mask, in fp64 (the form checked against the naive reference)."""
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn(4, 16, 12, 12, generator=gen)
+    x = {"large offset": 1000.0 + noise, "near-constant": 5.0 + 1e-3 * noise, "dead units": noise.relu()}[name]
+    w, b = torch.randn(8, 16, 3, 3, generator=gen) / 12.0, torch.randn(8, generator=gen)
+    grad_out = torch.randn(4, 8, 12, 12, generator=gen)
+    dropped = draw_dropped(x, 0.1, torch.Generator().manual_seed(1))
+    assert dropped.dtype == torch.int64  # the sparse form
+
+    def run(drop, dtype):
+        xx = x.to(dtype).requires_grad_()
+        y = KNConv2dFunction.apply(xx, w.to(dtype), b.to(dtype), (1, 1), (1, 1), 1, EPS, drop, 1.0 / 0.9)
+        (g,) = torch.autograd.grad(y, xx, grad_out.to(dtype))
+        return y.detach().double(), g.double()
+
+    (y32, g32), (y64, g64) = run(dropped, torch.float32), run(dropped_mask(x, dropped), torch.float64)
+    assert ((y32 - y64).abs().max() / y64.abs().max()).item() <= 1e-5
+    assert ((g32 - g64).abs().max() / g64.abs().max()).item() <= 1e-5
