@@ -123,8 +123,8 @@ def bench_pair(
     time_ratio = fig[kn]["step_ms"] / fig[baseline]["step_ms"]
     flop_ratio = fig[kn]["gflops"] / fig[baseline]["gflops"]
     ratio = time_ratio / flop_ratio
-    label = f"{name}/{kn}_vs_{baseline}" + (" (compiled)" if compiled else "")
-    case = {"name": label, "model": name, "baseline_norm": baseline, "kn_norm": kn, "compiled": compiled}
+    case = {"name": _label(name, baseline, kn, compiled), "model": name, "baseline_norm": baseline, "kn_norm": kn}
+    case["compiled"] = compiled
     for role, norm in (("baseline", baseline), ("kn", kn)):
         case |= {f"{role}_{key}": round(value, 3) for key, value in fig[norm].items()}
     return case | {
@@ -135,6 +135,10 @@ def bench_pair(
         "target": TARGET,
         "met": ratio <= TARGET,
     }
+
+
+def _label(name: str, baseline: str, kn: str, compiled: bool) -> str:
+    return f"{name}/{kn}_vs_{baseline}" + (" (compiled)" if compiled else "")
 
 
 def _bench_or_error(name: str, base: str, kn: str, repeats: int, batch: int, device: torch.device, compiled: bool):
@@ -150,7 +154,7 @@ def _bench_or_error(name: str, base: str, kn: str, repeats: int, batch: int, dev
     except Exception as err:  # reported in the JSON and on stderr, not hidden
         message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         print(f"bench models: {name} {kn} vs {base} failed: {message}", file=sys.stderr)
-        label = f"{name}/{kn}_vs_{base}" + (" (compiled)" if compiled else "")
+        label = _label(name, base, kn, compiled)
         return {"name": label, "error": message, "ratio": None, "target": TARGET, "met": False}
 
 

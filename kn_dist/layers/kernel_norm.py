@@ -179,22 +179,20 @@ def kn_conv2d(
     elif training and dropout_p > 0:
         drop = draw_dropped(x, dropout_p)  # flat indices on CPU, a bool mask elsewhere
     scale = 1.0 if drop is None else 1.0 / (1.0 - dropout_p)  # inverted dropout
-    # A channels_last input is computed in its own layout and so is the output, as with nn.Conv2d: a
-    # network whose stream is channels_last (ConvNeXt's, after its permuted LayerNorms; any model under
-    # `channels_last: true`) would otherwise switch layouts at every KNConv, and the convs after it run
-    # on mixed layouts (CIFAR KN-ConvNeXt's depthwise convs on CPU: ~2x slower).
-    channels_last = is_channels_last(x)
-    if not channels_last:
-        x = x.contiguous()  # flat drop indices are in x's memory order (NCHW, or NHWC for channels_last)
+    # A channels_last input is computed in its own layout (KNConv2dFunction), so the output is
+    # channels_last too, as with nn.Conv2d: a network whose stream is channels_last (ConvNeXt's, after its
+    # permuted LayerNorms; any model under `channels_last: true`) would otherwise switch layouts at every
+    # KNConv, and the convs after it run on mixed layouts (CIFAR KN-ConvNeXt's depthwise convs on CPU:
+    # ~2x slower). Flat drop indices are in x's memory order (NCHW, or NHWC for channels_last).
+    if not is_channels_last(x):
+        x = x.contiguous()
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            y = _kn_conv2d_eager(x.to(dtype), weight.to(dtype), bias, stride_, pad, groups, eps, drop, scale)
-    else:
-        y = _kn_conv2d_eager(x, weight, bias, stride_, pad, groups, eps, drop, scale)
-    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+            return _kn_conv2d_eager(x.to(dtype), weight.to(dtype), bias, stride_, pad, groups, eps, drop, scale)
+    return _kn_conv2d_eager(x, weight, bias, stride_, pad, groups, eps, drop, scale)
 
 
 @torch.compiler.disable
