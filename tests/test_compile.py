@@ -18,6 +18,8 @@ CASES = [
     ("convmixer_256_8", "kn", {"input_size": 16, "patch_size": 4, "kernel_size": 3, "kn_dropout_p": 0.0}, 16),
     ("vit_cifar", "kn", {"input_size": 16, "kn_dropout_p": 0.0, "drop_path_rate": 0.0}, 16),
     ("resnet18_cifar", "kn", {"kn_dropout_p": 0.0}, 16),
+    # statistics merged from the block's parts (KNConcatConv2d) pass a Python object between modules
+    ("densenet_bc100", "kn", {"input_size": 16, "kn_dropout_p": 0.0, "kn_head_dropout_p": 0.0}, 16),
 ]
 
 

@@ -164,8 +164,13 @@ def shape_probe(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if isinstance(module, KNConv2d):
-            module.forward = functools.partial(nn.Conv2d.forward, module)
+            module.forward = functools.partial(_conv_only, module)
     return model.eval()
+
+
+def _conv_only(module: KNConv2d, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A KNConv2d's convolution alone; extra inputs (a keep mask, a KNConcatConv2d's statistics) are unused."""
+    return nn.Conv2d.forward(module, x)
 
 
 def _trace(probe: nn.Module, input_size: int, model: str) -> None:

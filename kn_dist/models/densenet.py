@@ -31,13 +31,18 @@ import torch
 from torch import Tensor, nn
 
 from kn_dist.layers import get_norm_layer
+from kn_dist.layers.kn_concat import KNConcatConv2d, PixelStats, merge_stats, pixel_stats
 from kn_dist.models._options import KN, CNNArgs, resolve_kn
 from kn_dist.models._registry import check_geometry, register_model
 
 
 class _Ops:
-    """How a DenseNet builds its norm-dependent pieces: `unit(cin, cout, k)` is one
-    norm -> ReLU -> conv (bn) or ReLU -> KNConv (kn) with "same" padding, `final(c)` the last norm."""
+    """How a DenseNet builds its norm-dependent pieces: `block` and `transition`, and `final(c)`, the last norm.
+
+    bn: every unit is norm -> ReLU -> conv (torchvision). kn: every unit is ReLU -> KNConv; the 1x1 KNConvs
+    that read a block's concatenated features (bottlenecks, transitions) take its statistics from those of
+    the parts (`kn_dist.layers.kn_concat`), which is the same function at O(L) rather than O(L^2) cost.
+    """
 
     def __init__(self, norm: str, kn: KN) -> None:
         self.kn = norm == "kn"
@@ -52,9 +57,23 @@ class _Ops:
             conv: nn.Module = self.kn_layers.conv(cin, cout, k, padding=lo)
         else:  # padded zeros count in the statistics either way, so a ZeroPad2d in front is the same
             conv = nn.Sequential(nn.ZeroPad2d((lo, hi, lo, hi)), self.kn_layers.conv(cin, cout, k))
-        # in place, as the BN form: a unit's input is always a fresh tensor (a concatenation or a KNConv
-        # output, which KNConv's backward does not keep), and the copy costs a pass over the features
+        # in place, as the BN form: the input is always a fresh tensor (a KNConv output, which KNConv's
+        # backward does not keep), and the copy costs a pass over the features
         return [("relu", nn.ReLU(inplace=True)), ("conv", conv)]
+
+    def concat_conv(self, cin: int, cout: int) -> KNConcatConv2d:
+        kn = self.kn_layers
+        return KNConcatConv2d(cin, cout, dropout_p=kn.dropout_p, eval_dropout=kn.eval_dropout)
+
+    def block(self, num_layers: int, cin: int, growth: int, bn_size: int, last: bool) -> nn.Module:
+        if self.kn:
+            return _KNDenseBlock(num_layers, cin, growth, bn_size, self, last)
+        return _DenseBlock(num_layers, cin, growth, bn_size, self)
+
+    def transition(self, cin: int, cout: int) -> nn.Module:
+        if self.kn:
+            return _KNTransition(cin, cout, self)
+        return nn.Sequential(OrderedDict([*self.unit(cin, cout, 1), ("pool", nn.AvgPool2d(2, 2))]))
 
     def final(self, c: int) -> nn.Module:
         return self.kn_layers.head() if self.kn else self.norm(c)
@@ -70,9 +89,8 @@ class _DenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int, bn_size: int, ops: _Ops) -> None:
         super().__init__()
         mid = bn_size * growth
-        k = ops.kn_layers.kernel_size if ops.kn else 3
         # torchvision's names: norm1 relu1 conv1 norm2 relu2 conv2 (forward runs them in this order)
-        for i, (cout, kk) in enumerate([(mid, 1), (growth, k)]):
+        for i, (cout, kk) in enumerate([(mid, 1), (growth, 3)]):
             for name, module in ops.unit(cin if i == 0 else mid, cout, kk):
                 self.add_module(f"{name}{i + 1}", module)
 
@@ -94,6 +112,69 @@ class _DenseBlock(nn.ModuleDict):
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
+
+
+class _KNFeatures:
+    """A KN dense block's feature maps so far: raw, ReLU'd (what the next 1x1 KNConv reads, concatenated)
+    and the per-pixel statistics of the ReLU'd concatenation, merged one map at a time."""
+
+    def __init__(self) -> None:
+        self.raw: list[Tensor] = []
+        self.relu: list[Tensor] = []
+        self.stats: PixelStats | None = None
+
+    def append(self, raw: Tensor) -> None:
+        x = torch.relu(raw)  # not in place: the last block hands its raw features to the final norm
+        self.raw.append(raw)
+        self.relu.append(x)
+        stats = pixel_stats(x)
+        self.stats = stats if self.stats is None else merge_stats(self.stats, stats)
+
+    def relu_cat(self) -> Tensor:
+        return torch.cat(self.relu, 1)
+
+
+class _KNDenseLayer(nn.Module):
+    """ReLU -> 1x1 KNConv (bn_size * growth) on the block's features, then ReLU -> KNConv (growth)."""
+
+    def __init__(self, cin: int, growth: int, bn_size: int, ops: _Ops) -> None:
+        super().__init__()
+        mid = bn_size * growth
+        self.conv1 = ops.concat_conv(cin, mid)
+        for name, module in ops.unit(mid, growth, ops.kn_layers.kernel_size):
+            self.add_module(f"{name}2", module)
+
+    def forward(self, features: _KNFeatures) -> Tensor:
+        return self.conv2(self.relu2(self.conv1(features.relu_cat(), features.stats)))
+
+
+class _KNDenseBlock(nn.ModuleDict):
+    """Returns its features for the transition after it, or (`last`) their raw concatenation for the final norm."""
+
+    def __init__(self, num_layers: int, cin: int, growth: int, bn_size: int, ops: _Ops, last: bool) -> None:
+        super().__init__()
+        self.last = last
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", _KNDenseLayer(cin + i * growth, growth, bn_size, ops))
+
+    def forward(self, x: Tensor) -> _KNFeatures | Tensor:
+        features = _KNFeatures()
+        features.append(x)
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features.raw, 1) if self.last else features
+
+
+class _KNTransition(nn.Module):
+    """ReLU -> 1x1 KNConv -> 2x2 average pooling on a block's features (names as the bn form's Sequential)."""
+
+    def __init__(self, cin: int, cout: int, ops: _Ops) -> None:
+        super().__init__()
+        self.conv = ops.concat_conv(cin, cout)
+        self.pool = nn.AvgPool2d(2, 2)
+
+    def forward(self, features: _KNFeatures) -> Tensor:
+        return self.pool(self.conv(features.relu_cat(), features.stats))
 
 
 class DenseNet(nn.Module):
@@ -128,13 +209,12 @@ class DenseNet(nn.Module):
             layers["pool0"] = nn.MaxPool2d(3, 2, 1)
         c = init_features
         for i, num_layers in enumerate(block_config):
-            layers[f"denseblock{i + 1}"] = _DenseBlock(num_layers, c, growth, bn_size, ops)
+            last = i == len(block_config) - 1
+            layers[f"denseblock{i + 1}"] = ops.block(num_layers, c, growth, bn_size, last)
             c += num_layers * growth
-            if i != len(block_config) - 1:
+            if not last:
                 out = int(c * compression)
-                layers[f"transition{i + 1}"] = nn.Sequential(
-                    OrderedDict([*ops.unit(c, out, 1), ("pool", nn.AvgPool2d(2, 2))])
-                )
+                layers[f"transition{i + 1}"] = ops.transition(c, out)
                 c = out
         layers["norm5"] = ops.final(c)
         self.features = nn.Sequential(layers)

@@ -1,0 +1,207 @@
+"""A 1x1 KNConv2d over a growing concatenation of feature maps, with statistics built from its parts.
+
+DenseNet (Huang et al., CVPR 2017) feeds every layer the concatenation of all earlier feature maps, so
+a 1x1 KNConv2d there (the KN DenseNet bottlenecks and transitions, DESIGN.md §4) would take the
+per-pixel channel mean and variance of the same, ever longer tensor again in every layer: O(L^2)
+passes over the features in a block of L layers, forward and backward. Measured on CPU (batch 32,
+DenseNet-BC-100), those statistics were a third of the KN model's step. The statistics of a
+concatenation follow from those of its parts (Chan, Golub & LeVeque, "Updating formulae and a
+pairwise algorithm for computing sample variances", 1979): with n_i channels, per-pixel means m_i and
+sums of squared deviations M2_i,
+    n = n_a + n_b,  m = m_a + (m_b - m_a) n_b / n,  M2 = M2_a + M2_b + (m_b - m_a)^2 n_a n_b / n,
+exact and free of cancellation (no E[x^2] - m^2). So each feature map's statistics are taken once
+(`pixel_stats`), merged in O(1) map operations per layer (`merge_stats`), and autograd sums every
+layer's gradient of them before a single pass per feature map distributes it (`_PixelStatsFunction`).
+
+Dropout on the statistics is unchanged: each KNConv still draws its own mask over the whole
+concatenated input (the same draw, from the same generator, as `KNConv2d`), and its function corrects
+the merged statistics for the dropped elements and, in backward, takes their share back out of the
+gradient that the per-map pass gives every element. The result is the same function with the same
+gradients as a plain KNConv2d on the concatenation (tests/layers/test_kn_concat.py).
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from kn_dist.layers.dropout_draws import draw_dropped, is_channels_last, memory_flat
+from kn_dist.layers.kernel_norm import KNConv2d
+from kn_dist.layers.kn_conv_function import (
+    MAP_DTYPE,
+    _as_ncl,
+    drop_sums,
+    normalised_conv,
+    normalised_conv_backward,
+    stats_dtype,
+)
+
+
+class PixelStats(NamedTuple):
+    """Per-pixel statistics over the channels of a feature map (or of a concatenation of maps)."""
+
+    count: int  # channels
+    mean: Tensor  # (N, 1, H, W) float64
+    m2: Tensor  # (N, 1, H, W) float64: sum over the channels of (x - mean)^2
+
+    @property
+    def var(self) -> Tensor:
+        """Biased variance over the channels, (N, 1, H, W) float64."""
+        return self.m2 / self.count
+
+
+class _PixelStatsFunction(torch.autograd.Function):
+    """x (N, C, H, W) -> (mean, M2) per pixel over C, float64; backward: g_mean / C + 2 g_M2 (x - mean)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        n, c, h, w = x.shape
+        xs = _as_ncl(x.to(stats_dtype(x)))
+        # sums rather than matmuls: a feature map is summarised once, and FLOP counters see no matmul here
+        mean = xs.sum(dim=1, keepdim=True).div_(c)  # (N, 1, L)
+        m2 = F.mse_loss(xs, mean.expand_as(xs), reduction="none").sum(dim=1, keepdim=True)
+        ctx.save_for_backward(x, mean)
+        return mean.to(MAP_DTYPE).view(n, 1, h, w), m2.to(MAP_DTYPE).view(n, 1, h, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_mean, g_m2):
+        x, mean = ctx.saved_tensors
+        n, c, h, w = x.shape
+        sdt = mean.dtype
+        a = (g_mean / c).to(sdt)  # (N, 1, H, W)
+        b = (2.0 * g_m2).to(sdt)
+        # centred on the mean, so that a large common offset cancels in x - mean, not in the sum
+        gx = x.to(sdt) - mean.view(n, 1, h, w)
+        return torch.addcmul(a, gx, b, out=gx).to(x.dtype)
+
+
+def pixel_stats(x: Tensor) -> PixelStats:
+    """Per-pixel channel statistics of x (N, C, H, W), differentiable."""
+    mean, m2 = _PixelStatsFunction.apply(x)
+    return PixelStats(x.shape[1], mean, m2)
+
+
+def merge_stats(a: PixelStats, b: PixelStats) -> PixelStats:
+    """The statistics of torch.cat([xa, xb], dim=1) from those of xa and xb (Chan et al., module docstring)."""
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    m2 = a.m2 + b.m2 + delta.square() * (a.count * b.count / n)
+    return PixelStats(n, mean, m2)
+
+
+class _KNConv1x1OnStatsFunction(torch.autograd.Function):
+    """A 1x1, stride-1 KNConv2d whose input's per-pixel (mean m, variance v) come in as differentiable inputs.
+
+    With the drop of this layer, e = x * keep and scale = 1 / (1 - p): mean e = m + q and mean e^2 =
+    v + s2 + m^2 per pixel (q, s2 from the dropped elements, `drop_sums`); mu = scale * mean e and
+    var = scale^2 (mean e^2 - (mean e)^2). Backward returns, besides the conv's gradients,
+        g_m = scale g_mu - 2 scale^2 q g_var,   g_v = scale^2 g_var,
+    which reach every element u as (g_m + 2 g_v (x_u - m)) / C through `_PixelStatsFunction`; a
+    dropped element has no part in this layer's statistics, so exactly that share is subtracted from it
+    here (written in the same centred form, so that the two cancel to rounding).
+    """
+
+    @staticmethod
+    def forward(ctx, x, m, v, weight, bias, eps, dropped, scale):
+        n, c, h, w = x.shape
+        xs = _as_ncl(x.to(stats_dtype(x)))
+        q = s2 = ctx.sparse = None
+        if dropped is None:
+            mean_e, mean_e2 = m, v + m * m
+        else:
+            if dropped.dtype == torch.bool:  # dense mask (other devices): two masked channel sums
+                xd = xs * _as_ncl(dropped)
+                q = xd.sum(dim=1, keepdim=True).to(MAP_DTYPE).div_(-c).view(n, 1, h, w)
+                s2 = xd.square_().sum(dim=1, keepdim=True).to(MAP_DTYPE).div_(-c).view(n, 1, h, w)
+            else:
+                q, s2, pix, xd = drop_sums(xs, dropped, is_channels_last(x))
+                q, s2 = q.view(n, 1, h, w), s2.view(n, 1, h, w)
+                ctx.sparse = (pix, xd)
+            mean_e, mean_e2 = m + q, v + s2 + m * m
+        mu = mean_e * scale
+        var = torch.addcmul(mean_e2, mean_e, mean_e, value=-1.0).clamp_min_(0.0)
+        rstd = var.mul_(scale * scale).add_(eps).rsqrt_()
+        y, z, sum_w, rhs = normalised_conv(x, weight, bias, (1, 1), (0, 0), 1, mu, rstd)
+        ctx.scale = scale
+        ctx.save_for_backward(x, m, q, weight, dropped, mu, rstd, sum_w, rhs)
+        ctx.z = z  # freed early in backward, as in KNConv2dFunction
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, m, q, weight, dropped, mu, rstd, sum_w, rhs = ctx.saved_tensors
+        scale = ctx.scale
+        conf = ((1, 1), (0, 0), 1)  # stride, padding, groups
+        g_mu, g_var, gx, gw, gb = normalised_conv_backward(ctx, conf, gy, x, weight, mu, rstd, sum_w, rhs, True)
+        g_m = g_mu.mul_(scale)
+        if q is not None:
+            g_m.addcmul_(q, g_var, value=-2.0 * scale * scale)
+        g_v = g_var.mul_(scale * scale)
+        if dropped is not None:
+            n, c, h, w = x.shape
+            # the share of this layer's statistics that _PixelStatsFunction gives each element, per pixel:
+            # a + b * (x - m) with a = g_m / C, b = 2 g_v / C
+            a, b = g_m / c, g_v * (2.0 / c)
+            if ctx.sparse is None:
+                sdt = rhs.dtype
+                share = torch.addcmul(a.to(sdt), x.to(sdt) - m.to(sdt), b.to(sdt))
+                gx.sub_(share.masked_fill_(~dropped, 0.0).to(gx.dtype))
+            else:
+                pix, xd = ctx.sparse
+                # a + b (x_d - m) = (a - b m) + b x_d: float64, so nothing cancels; one gather of both per element
+                rows = torch.cat([a.addcmul(b, m, value=-1.0), b], dim=1).view(n, 2, h * w).mT.reshape(-1, 2)
+                ab = rows.index_select(0, pix)  # (D, 2)
+                share = torch.addcmul(ab[:, 0], ab[:, 1], xd).neg_().to(gx.dtype)
+                # flat indices are in x's memory order: gx in x's layout
+                layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+                gx = gx.contiguous(memory_format=layout)
+                memory_flat(gx).scatter_add_(0, dropped, share)
+        return gx, g_m, g_v, gw, gb, None, None, None
+
+
+class KNConcatConv2d(KNConv2d):
+    """A 1x1 KNConv2d whose input is a concatenation with known per-pixel statistics (module docstring).
+
+    `forward(x, stats)`: x (N, C, H, W) is the concatenation and `stats` its `PixelStats` (from
+    `pixel_stats` / `merge_stats` of the parts, which carry the gradient to them); without `stats` it is
+    a plain KNConv2d. Same parameters, state-dict keys and dropout draw as KNConv2d.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, **kwargs) -> None:
+        super().__init__(in_channels, out_channels, 1, **kwargs)
+
+    def forward(self, x: Tensor, stats: PixelStats | None = None, keep_mask: Tensor | None = None) -> Tensor:
+        """x: (N, C_in, H, W) -> (N, C_out, H, W)."""
+        if stats is None:
+            return super().forward(x, keep_mask)
+        if stats.count != x.shape[1]:
+            raise ValueError(f"stats cover {stats.count} channels but the input has {x.shape[1]}")
+        drop = None if keep_mask is None else ~keep_mask
+        draw_p = self.dropout_p if keep_mask is None and (self.training or self.eval_dropout) else 0.0
+        scale = 1.0 if drop is None and draw_p == 0 else 1.0 / (1.0 - self.dropout_p)
+        if not is_channels_last(x):
+            x = x.contiguous()
+        device_type = x.device.type
+        weight = self.weight
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # conv in the autocast dtype, statistics and normalisation in fp32 (as kn_conv2d)
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return _apply(x.to(dtype), stats, weight.to(dtype), self.bias, self.eps, drop, draw_p, scale)
+        return _apply(x, stats, weight, self.bias, self.eps, drop, draw_p, scale)
+
+
+@torch.compiler.disable
+def _apply(x, stats, weight, bias, eps, drop, draw_p, scale):
+    """Kept out of torch.compile graphs, with its random draw, like KNConv2dFunction (see `_kn_conv2d_eager`)."""
+    if draw_p > 0:
+        drop = draw_dropped(x, draw_p)  # the draw KNConv2d makes: flat indices on CPU, else a mask
+    return _KNConv1x1OnStatsFunction.apply(x, stats.mean, stats.var, weight, bias, eps, drop, scale)
+
+
+__all__ = ["KNConcatConv2d", "PixelStats", "merge_stats", "pixel_stats"]
