@@ -25,9 +25,19 @@ def _model(name: str, norm: str, **kwargs) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("name, norm", [("resnet18_cifar", "kn"), ("resnet18_cifar", "bn"), ("convmixer_256_8", "kn")])
-def test_autocast_matches_fp32(precision, name, norm):
-    model = _model(name, norm, **(DETERMINISTIC_KN if norm == "kn" else {}))
+@pytest.mark.parametrize(
+    "name, norm, kwargs",
+    [
+        ("resnet18_cifar", "kn", DETERMINISTIC_KN),
+        ("resnet18_cifar", "bn", {}),
+        ("convmixer_256_8", "kn", DETERMINISTIC_KN),
+        ("densenet_bc100", "kn", DETERMINISTIC_KN | {"kn_head_dropout_p": 0.0}),  # KNConcatConv2d's autocast path
+        ("vit_cifar", "kn", DETERMINISTIC_KN | {"drop_path_rate": 0.0}),
+        ("vit_cifar", "kn_embed", DETERMINISTIC_KN | {"drop_path_rate": 0.0}),
+    ],
+)
+def test_autocast_matches_fp32(precision, name, norm, kwargs):
+    model = _model(name, norm, **kwargs)
     x = torch.randn(16, 3, 32, 32, device=CUDA)
     with torch.no_grad():
         reference = model(x).float()

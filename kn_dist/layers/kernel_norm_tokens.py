@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from kn_dist.layers.kernel_norm import dropout_keep_mask
+from kn_dist.layers.dropout_draws import draw_dropped, floor_div
 
 
 def _check_dropout(p: float, layer: str) -> None:
@@ -35,78 +35,123 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _dropped(x: Tensor, p: float, active: bool, keep_mask: Tensor | None) -> Tensor:
-    """Inverted-dropout copy of x for the statistics: one mask draw per element, as in KernelNorm2d."""
-    if keep_mask is None:
-        if not (active and p > 0):
-            return x
-        keep_mask = dropout_keep_mask(x, p)
-    return x * keep_mask * (1.0 / (1.0 - p))
-
-
-def _var_mean_last(d: Tensor) -> tuple[Tensor, Tensor]:
-    """Biased variance and mean over the last dim, two-pass (stable), keepdim.
+def _var_mean(d: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean over `dim`, two-pass (stable), keepdim.
 
     Same result as torch.var_mean, which on CPU is ~20× slower than a mean plus a dot product here.
     """
-    mu = d.mean(dim=-1, keepdim=True)
+    mu = d.mean(dim=dim, keepdim=True)
     c = d - mu
-    return torch.linalg.vecdot(c, c).unsqueeze(-1) / d.shape[-1], mu
+    return torch.linalg.vecdot(c, c, dim=dim).unsqueeze(dim) / d.shape[dim], mu
 
 
 def _unit_mean(t: Tensor, geometry: tuple[int, int, int, int]) -> Tensor:
-    """Per-token values t (N, L, 1) -> the mean over each token's unit, broadcast back to (N, L, 1).
+    """Per-position values t, (N, P, 1) or (N, 1, P) -> the mean over each position's unit, same shape.
 
-    Prefix tokens are their own unit; grid tokens share the value of their k×k window.
+    The first p positions are their own unit (prefix tokens); the h·w grid positions after them, in
+    row-major order, share the value of their k×k window.
     """
     p, h, w, k = geometry
     if k == 1:
         return t
     n = t.shape[0]
-    win = t[:, p:].reshape(n, h // k, k, w // k, k).mean(dim=(2, 4), keepdim=True)  # (N, h/k, 1, w/k, 1)
-    grid = win.expand(n, h // k, k, w // k, k).reshape(n, h * w, 1)
-    return torch.cat([t[:, :p], grid], dim=1)
+    flat = t.reshape(n, -1)
+    win = flat[:, p:].reshape(n, h // k, k, w // k, k).mean(dim=(2, 4), keepdim=True)  # (N, h/k, 1, w/k, 1)
+    grid = win.expand(n, h // k, k, w // k, k).reshape(n, h * w)
+    return torch.cat([flat[:, :p], grid], dim=1).view(t.shape)
 
 
-class _TokenKernelNorm(torch.autograd.Function):
-    """y = (x - mu) * r per unit, with mu and r = (var + eps)^-1/2 of the dropped-out copy d = x * m.
+def _position_of(flat: Tensor, shape: torch.Size, dim: int) -> Tensor:
+    """Flat position index (into the (N, P) maps) of flat element indices into a contiguous (N, L, D) tensor."""
+    if dim == 2:  # positions are the L tokens
+        return floor_div(flat, shape[2])
+    length, depth = shape[1], shape[2]  # positions are the D channels: n * D + (flat mod D)
+    return floor_div(flat, length * depth) * depth + flat - floor_div(flat, depth) * depth
 
-    A hand-written backward (two per-token reductions, a few elementwise passes) instead of autograd
-    through the statistics, which costs several times more on CPU: with n elements per unit,
-    A = sum(g) / n and B = sum(g * y) / n over the unit,
-        dx = r * (g - m * (A + r * (d - mu) * B)),
-    which for m = 1 is the familiar LayerNorm gradient r * (g - A - y * B). Checked by gradcheck.
+
+class _GridKernelNorm(torch.autograd.Function):
+    """y = (x - mu) * r per unit, with mu and r = (var + eps)^-1/2 of the dropped-out copy d = scale * x * keep.
+
+    x (N, L, D) is read as positions × depth: `dim` = 2, positions are the L tokens and each has D values
+    (KernelNormTokens); `dim` = 1, positions are the D channels, each with L values (KernelNormEmbedGrid).
+    A unit is a set of positions (`geometry`, `_unit_mean`) × their whole depth.
+
+    The drop comes as flat indices (CPU: the sparse form of `draw_dropped`), a bool mask (True = dropped)
+    or None. With flat indices no input-sized mask is built: per-position mean m and variance v of x
+    (two-pass) are corrected for the position's dropped elements, q = -sum_d x_d / depth and s2 =
+    -sum_d x_d^2 / depth in float64: mean(d) = scale (m + q), var(d) = scale^2 (v + s2 - 2 m q - q^2).
+    Units then combine their positions by the law of total variance, var = mean(var_t) +
+    mean((mu_t - mu)^2), which avoids the one-pass E[x^2] - mu^2.
+
+    A hand-written backward (two per-position reductions, two elementwise passes) instead of autograd
+    through the statistics, which costs several times more on CPU: with n elements per unit, A = sum(g) / n
+    and B = sum(g * y) / n over the unit, and scale x - mu = scale (x - mu) + (scale - 1) mu,
+        dx = r * (g - keep * scale * (A + r * (scale x - mu) * B)) = r g + keep * (c0 + c1 * y),
+        c1 = -r scale^2 B,   c0 = -r scale (A + r (scale - 1) mu B),
+    which for keep = 1, scale = 1 is the familiar LayerNorm gradient r (g - A - y B). Checked by gradcheck;
+    the sparse path against the naive windows (tests/layers/test_kernel_norm_tokens.py).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor | None, geometry: tuple[int, int, int, int], eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, dropped: Tensor | None, scale: float, geometry: tuple, eps: float, dim: int) -> Tensor:
         xf = x.to(_stats_dtype(x))  # statistics in fp32, also under autocast
-        d = xf if scale is None else xf * scale
-        # Per-token statistics first (two-pass, stable); units then combine them by the law of total
-        # variance, var = mean(var_t) + mean((mu_t - mu)^2), which avoids the one-pass E[x²] − μ².
-        var_t, mu_t = _var_mean_last(d)  # (N, L, 1) each
+        ctx.sparse = None
+        if dropped is not None and dropped.dtype == torch.bool:
+            var_t, mu_t = _var_mean(xf.masked_fill(dropped, 0.0) * scale, dim)  # per position
+        else:
+            var_t, mu_t = _var_mean(xf, dim)
+            if dropped is not None:
+                mu_t, var_t, ctx.sparse = _drop_corrected(xf, dropped, scale, mu_t, var_t, dim)
         mu = _unit_mean(mu_t, geometry)
         var = _unit_mean(var_t + (mu_t - mu).square(), geometry)
         r = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, scale, mu, r)
-        ctx.geometry = geometry
+        ctx.save_for_backward(x, dropped, mu, r)
+        ctx.geometry, ctx.scale, ctx.dim = geometry, scale, dim
         return torch.addcmul(-mu * r, xf, r).to(x.dtype)  # (x - mu) * r in one pass
 
     @staticmethod
     @once_differentiable  # mu and r are saved without their graph: no double backward
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        x, scale, mu, r = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        x, dropped, mu, r = ctx.saved_tensors
+        scale, dim = ctx.scale, ctx.dim
         xf = x.to(r.dtype)
         g = grad.to(r.dtype)
-        d = g.shape[-1]
+        depth = g.shape[dim]
         y = torch.addcmul(-mu * r, xf, r)
-        a = _unit_mean(g.sum(dim=-1, keepdim=True) / d, ctx.geometry)  # (N, L, 1)
-        b = _unit_mean(torch.linalg.vecdot(g, y).unsqueeze(-1) / d, ctx.geometry)
-        if scale is None:
-            dx = r * (g - a - y * b)
-        else:
-            dx = r * (g - scale * (a + (torch.addcmul(-mu * r, xf * scale, r)) * b))
-        return dx.to(x.dtype), None, None, None
+        a = _unit_mean(g.sum(dim=dim, keepdim=True) / depth, ctx.geometry)  # per position
+        b = _unit_mean(torch.linalg.vecdot(g, y, dim=dim).unsqueeze(dim) / depth, ctx.geometry)
+        c1 = r * b * (-scale * scale)
+        c0 = (r * (scale - 1.0) * mu).mul_(b).add_(a).mul_(r).mul_(-scale)
+        dx = torch.addcmul(c0, y, c1)  # the statistics' part, every element
+        if dropped is not None and dropped.dtype == torch.bool:
+            dx.masked_fill_(dropped, 0.0)
+        dx.addcmul_(g, r)
+        if ctx.sparse is not None:  # dropped elements: no part in the statistics, dx = r g
+            pos, xd = ctx.sparse
+            rows = torch.stack([c0, c1 * r, mu], dim=-1).view(-1, 3).index_select(0, pos)  # (D, 3)
+            share = torch.addcmul(rows[:, 0], rows[:, 1], xd.to(r.dtype) - rows[:, 2])
+            dx.view(-1).scatter_add_(0, dropped, share.neg_())
+        return dx.to(x.dtype), None, None, None, None, None
+
+
+def _drop_corrected(xf: Tensor, dropped: Tensor, scale: float, mu_t: Tensor, var_t: Tensor, dim: int):
+    """Per-position (mean, variance) of scale * x * keep from those of x and the dropped elements' flat indices.
+
+    Returns both in the shape and dtype of mu_t, and (position index, value) of each dropped element.
+    """
+    depth = xf.shape[dim]
+    pos = _position_of(dropped, xf.shape, dim)
+    xd = xf.reshape(-1).take(dropped)
+    xd64 = xd.to(torch.float64)
+    corr = torch.stack([xd64 * (-1.0 / depth), xd64.square() * (-1.0 / depth)])
+    sums = torch.zeros((2, mu_t.numel()), dtype=torch.float64, device=xf.device).scatter_add_(
+        1, pos.expand(2, -1), corr
+    )
+    q, s2 = sums[0].view(mu_t.shape), sums[1].view(mu_t.shape)
+    m = mu_t.to(torch.float64)
+    mean = (m + q).mul_(scale)
+    var = (var_t.to(torch.float64) + s2).addcmul_(m, q, value=-2.0).sub_(q.square()).mul_(scale * scale).clamp_min_(0.0)
+    return mean.to(xf.dtype), var.to(xf.dtype), (pos.to(torch.int32), xd)  # compact for backward
 
 
 class KernelNormTokens(nn.Module):
@@ -179,10 +224,14 @@ class KernelNormTokens(nn.Module):
         """x: (N, L, D) -> (N, L, D). `keep_mask` (bool, shape of x, True = kept) replaces the random draw."""
         p = self.num_prefix_tokens
         h, w = self._grid(x.shape[1] - p)
-        if keep_mask is None and self.dropout_p > 0 and (self.training or self.eval_dropout):
-            keep_mask = dropout_keep_mask(x, self.dropout_p)
-        scale = None if keep_mask is None else keep_mask * (1.0 / (1.0 - self.dropout_p))  # inverted dropout
-        return _TokenKernelNorm.apply(x, scale, (p, h, w, self.kernel_size), self.eps)
+        x = x.contiguous()  # flat drop indices and the sparse corrections address x in row-major order
+        dropped = None
+        if keep_mask is not None:
+            dropped = ~keep_mask
+        elif self.dropout_p > 0 and (self.training or self.eval_dropout):
+            dropped = draw_dropped(x, self.dropout_p)  # flat indices on CPU (no mask built), else a bool mask
+        scale = 1.0 if dropped is None else 1.0 / (1.0 - self.dropout_p)  # inverted dropout
+        return _GridKernelNorm.apply(x, dropped, scale, (p, h, w, self.kernel_size), self.eps, 2)
 
     def extra_repr(self) -> str:
         return (
@@ -227,22 +276,16 @@ class KernelNormEmbedGrid(nn.Module):
 
     def forward(self, x: Tensor, keep_mask: Tensor | None = None) -> Tensor:
         """x: (N, L, D) -> (N, L, D). `keep_mask` (bool, shape of x, True = kept) replaces the random draw."""
-        n, length, d = x.shape
         (a, b), k = self.grid, self.kernel_size
-        xf = x.to(_stats_dtype(x))
-        stats_src = _dropped(xf, self.dropout_p, self.training or self.eval_dropout, keep_mask)
-        # per-channel statistics over the L tokens, then combined over each k×k cell window of the
-        # (a, b) embedding grid by the law of total variance (a strided 6-D var_mean is much slower)
-        mu_c = stats_src.mean(dim=1, keepdim=True)  # (N, 1, D); two-pass variance, as in _var_mean_last
-        var_c = (stats_src - mu_c).square().mean(dim=1, keepdim=True)
-        mu_g = mu_c.view(n, a // k, k, b // k, k)
-        mu_w = mu_g.mean(dim=(2, 4), keepdim=True)  # (N, a/k, 1, b/k, 1)
-        var_w = (var_c.view(n, a // k, k, b // k, k) + (mu_g - mu_w).square()).mean(dim=(2, 4), keepdim=True)
-        shape = (n, a // k, k, b // k, k)
-        mu = mu_w.expand(shape).reshape(n, 1, d)
-        r = torch.rsqrt(var_w + self.eps).expand(shape).reshape(n, 1, d)
-        out = (xf - mu) * r
-        return out.to(x.dtype)
+        x = x.contiguous()  # flat drop indices and the sparse corrections address x in row-major order
+        dropped = None
+        if keep_mask is not None:
+            dropped = ~keep_mask
+        elif self.dropout_p > 0 and (self.training or self.eval_dropout):
+            dropped = draw_dropped(x, self.dropout_p)
+        scale = 1.0 if dropped is None else 1.0 / (1.0 - self.dropout_p)
+        # positions: the D channels on the (a, b) grid, each with its L token values
+        return _GridKernelNorm.apply(x, dropped, scale, (0, a, b, k), self.eps, 1)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, kernel_size={self.kernel_size}, dropout_p={self.dropout_p}, eps={self.eps}"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kn_dist.layers import KernelNormTokens
+from kn_dist.layers import KernelNormTokens, dropout_keep_mask
 from kn_dist.layers.kernel_norm_tokens import KernelNormEmbedGrid, embed_grid_shape
 
 EPS = 1e-5
@@ -113,6 +113,39 @@ def test_gradcheck_float64(k, prefix, dropout):
     keep = torch.rand(x.shape) > 0.3 if dropout else None
     layer = KernelNormTokens(k, dropout_p=0.3 if dropout else 0.0, num_prefix_tokens=prefix).train()
     assert torch.autograd.gradcheck(lambda t: layer(t, keep_mask=keep), (x,))
+
+
+@pytest.mark.parametrize("k,prefix,offset", [(2, 1, 0.0), (1, 2, 0.0), (2, 0, 50.0)])
+def test_own_sparse_draw_matches_naive_windows_with_that_mask(k, prefix, offset):
+    """On CPU the layer draws flat indices and corrects its statistics sparsely (no mask); with the mask the
+    same seed gives (`dropout_keep_mask`), the naive windows must give the same output and input gradient."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(3, prefix + 16, 24, generator=gen, dtype=torch.float64) * 2 + offset).requires_grad_()
+    layer = KernelNormTokens(k, num_prefix_tokens=prefix, dropout_p=0.1).train()
+    torch.manual_seed(8)
+    keep = dropout_keep_mask(x, 0.1)
+    torch.manual_seed(8)
+    y = layer(x)
+    want = naive_tokens(x, k, prefix, (4, 4), keep, 0.1)
+    torch.testing.assert_close(y, want, atol=1e-10, rtol=0)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    (got,), (ref,) = torch.autograd.grad(y, x, g), torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=0)
+
+
+def test_embed_grid_own_sparse_draw_matches_naive_with_that_mask():
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 5, 24, generator=gen, dtype=torch.float64) + 3.0).requires_grad_()
+    layer = KernelNormEmbedGrid(24, 2, dropout_p=0.1).train()
+    torch.manual_seed(10)
+    keep = dropout_keep_mask(x, 0.1)
+    torch.manual_seed(10)
+    y = layer(x)
+    want = naive_embed_grid(x, 2, (4, 6), keep, 0.1)
+    torch.testing.assert_close(y, want, atol=1e-10, rtol=0)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    (got,), (ref,) = torch.autograd.grad(y, x, g), torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=0)
 
 
 def test_gradcheck_embed_grid_float64():
