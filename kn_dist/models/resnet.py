@@ -261,7 +261,9 @@ _NORMS = ("bn", "gn", "ln", "kn")
 _register = functools.partial(register_model, family="resnet", norms=_NORMS, default_norm="bn")
 
 
-# ImageNet-size: tests run them at 96 px (the smallest input KNResNet-18/34's geometry takes) or 32.
+# ImageNet-size: tests run them at 96 px (the smallest input KNResNet-18/34's geometry takes) or 64: at
+# 32 px ResNet-50's last BatchNorms see 1x1 maps, whose output at batch 2 is +-1 whatever the input, so
+# its loss jumps under any small step (seen: 2.38 -> 2.59 at lr 1e-5) and a gradient test means nothing.
 @_register(input_size=224, test_input_size=96)
 def resnet18(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-18 (224 px); norm="kn" is KNResNet-18."""
@@ -274,7 +276,7 @@ def resnet34(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     return _resnet("resnet34", 34, False, norm, num_classes, args)
 
 
-@_register(input_size=224, test_input_size=32)
+@_register(input_size=224, test_input_size=64)
 def resnet50(norm: str, num_classes: int, args: CNNArgs) -> nn.Module:
     """ResNet-50 (224 px); norm="kn" is KNResNet-50."""
     return _resnet("resnet50", 50, False, norm, num_classes, args)
