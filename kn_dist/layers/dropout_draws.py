@@ -66,12 +66,13 @@ def _dropped_indices(
     positions = []
     last = -1  # position of the last drawn drop
     while last < numel:
-        # Geometric(p) by inversion: floor(log(U) / log(1 - p)) + 1 with U = 1 - u uniform on (0, 1];
-        # vectorised, ~2x faster than `geometric_` on CPU. u is a multiple of 2**-53 (torch.rand, float64),
-        # so 1 - u is exact and log(1 - u) needs no log1p (which is not vectorised on CPU: ~10x slower).
-        # The cap keeps a huge gap castable.
-        u = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
-        gaps = u.neg_().add_(1.0).log_().mul_(1.0 / math.log1p(-dropout_p)).floor_().clamp_(max=numel).add_(1.0)
+        # Geometric(p) by inversion: floor(log(U) / log(1 - p)) + 1 with U uniform on (0, 1], vectorised,
+        # ~2x faster than `geometric_` on CPU. U = (b + 1) / 2**31 from 31 random bits b (int32 `random_`,
+        # one generator word per gap: ~2x cheaper than a float64 `rand`), so every gap's distribution
+        # function is exact to 2**-31, as the dense mask's p. The cap keeps a huge gap castable.
+        bits = torch.empty(batch, dtype=torch.int32, device=device).random_(generator=generator)  # [0, 2**31)
+        u = bits.to(torch.float64).add_(1.0).mul_(2.0**-31)
+        gaps = u.log_().mul_(1.0 / math.log1p(-dropout_p)).floor_().clamp_(max=numel).add_(1.0)
         pos = gaps.to(torch.int64).cumsum_(0).add_(last)
         positions.append(pos)
         last = int(pos[-1])

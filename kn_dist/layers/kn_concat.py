@@ -154,9 +154,10 @@ class _KNConv1x1OnStatsFunction(torch.autograd.Function):
             else:
                 pix, xd = ctx.sparse
                 # a + b (x_d - m) = (a - b m) + b x_d: float64, so nothing cancels; one gather of both per element
-                rows = torch.cat([a.addcmul(b, m, value=-1.0), b], dim=1).view(n, 2, h * w).mT.reshape(-1, 2)
-                ab = rows.index_select(0, pix)  # (D, 2)
-                share = torch.addcmul(ab[:, 0], ab[:, 1], xd).neg_().to(gx.dtype)
+                rows = torch.cat([(b * m).sub_(a), b.neg()], dim=1).view(n, 2, h * w).mT.reshape(-1, 2)
+                ab = rows.index_select(0, pix)  # (D, 2): -(a - b m), -b
+                share = torch.empty(xd.shape, dtype=gx.dtype, device=gx.device)
+                torch.addcmul(ab[:, 0], ab[:, 1], xd, out=share)  # float64 arithmetic, one rounding
                 # flat indices are in x's memory order: gx in x's layout
                 layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
                 gx = gx.contiguous(memory_format=layout)

@@ -93,11 +93,16 @@ def _as_ncl(t: Tensor) -> Tensor:
 
 
 def _pixel_of(flat: Tensor, c: int, length: int, channels_last: bool) -> Tensor:
-    """Flat pixel index n * L + l of flat element indices into an (N, C, L) tensor's memory (NCL or NLC order)."""
+    """Flat pixel index n * L + l of flat element indices into an (N, C, L) tensor's memory (NCL or NLC order).
+
+    In float64 throughout (`floor_div`: exact, and vectorised where integer division is not).
+    """
     if channels_last:  # flat = (n * L + l) * C + c
         return floor_div(flat, c)
-    row = floor_div(flat, length)  # flat = (n * C + c) * L + l: row = n * C + c
-    return flat - (row - floor_div(row, c)) * length  # l + n * L
+    f = flat.to(torch.float64)  # flat = (n * C + c) * L + l
+    row = torch.div(f, length).floor_()  # n * C + c
+    n = torch.div(row, c).floor_()
+    return f.sub_(row.sub_(n).mul_(length)).to(torch.int64)  # flat - (n * C + c - n) * L = n * L + l
 
 
 def drop_sums(xs: Tensor, dropped: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -268,9 +273,8 @@ class KNConv2dFunction(torch.autograd.Function):
             gx.addcmul_(b, x).add_(a)
             if dropped is not None:
                 pix, xd = sparse
-                rows = ab.view(ab.shape[0], 2, -1).mT.reshape(-1, 2).index_select(0, pix)  # (D, 2): a, b
-                share = torch.addcmul(rows[:, 0], rows[:, 1], xd.to(sdt)).neg_()
-                memory_flat(gx).scatter_add_(0, dropped, share.to(gx.dtype))
+                rows = ab.view(ab.shape[0], 2, -1).mT.neg().reshape(-1, 2).index_select(0, pix)  # (D, 2): -a, -b
+                memory_flat(gx).scatter_add_(0, dropped, torch.addcmul(rows[:, 0], rows[:, 1], xd).to(gx.dtype))
         else:
             gx.add_(torch.addcmul(a, b, x.to(sdt)).masked_fill_(dropped, 0.0))
         return gx, gw, gb, None, None, None, None, None, None
