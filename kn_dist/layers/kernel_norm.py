@@ -49,10 +49,6 @@ def _output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[i
     return tuple(out)
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return stats_dtype(x)
-
-
 def kernel_norm_stats(
     x: Tensor,
     kernel_size: _Size2,
@@ -78,7 +74,7 @@ def kernel_norm_stats(
     kernel, stride_, pad = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
     _check_geometry(kernel, stride_, pad, dropout_p)
     _output_size(tuple(x.shape[-2:]), kernel, stride_, pad)
-    d = x.to(_stats_dtype(x))
+    d = x.to(stats_dtype(x))
     if keep_mask is None and training and dropout_p > 0:
         keep_mask = dropout_keep_mask(x, dropout_p)
     if keep_mask is not None:
@@ -173,14 +169,27 @@ def kn_conv2d(
     stride_, pad = _pair(stride, "stride"), _pair(padding, "padding")
     _check_geometry(kernel, stride_, pad, dropout_p)
     _output_size(tuple(x.shape[-2:]), kernel, stride_, pad)
+    drop, draw_p, scale = drop_plan(keep_mask, dropout_p, training)  # a draw is made in `_kn_conv2d_eager`
+    return run_conv_function(_kn_conv2d_eager, x, weight, bias, stride_, pad, groups, eps, drop, draw_p, scale)
+
+
+def drop_plan(keep_mask: Tensor | None, dropout_p: float, active: bool) -> tuple[Tensor | None, float, float]:
+    """(the given drop mask or None, the probability of a random draw still to make, the inverted-dropout scale)."""
     drop = None if keep_mask is None else ~keep_mask
-    draw_p = dropout_p if keep_mask is None and training else 0.0  # a random draw, made in `_kn_conv2d_eager`
-    scale = 1.0 if drop is None and draw_p == 0 else 1.0 / (1.0 - dropout_p)  # inverted dropout
-    # A channels_last input is computed in its own layout (KNConv2dFunction), so the output is
-    # channels_last too, as with nn.Conv2d: a network whose stream is channels_last (ConvNeXt's, after its
-    # permuted LayerNorms; any model under `channels_last: true`) would otherwise switch layouts at every
-    # KNConv, and the convs after it run on mixed layouts (CIFAR KN-ConvNeXt's depthwise convs on CPU:
-    # ~2x slower). Flat drop indices are in x's memory order (NCHW, or NHWC for channels_last).
+    draw_p = dropout_p if keep_mask is None and active else 0.0
+    scale = 1.0 if drop is None and draw_p == 0 else 1.0 / (1.0 - dropout_p)
+    return drop, draw_p, scale
+
+
+def run_conv_function(fn, x: Tensor, weight: Tensor, *args) -> Tensor:
+    """fn(x, weight, *args) for a KNConv autograd function: x in a layout it takes, autocast handled.
+
+    A channels_last input is computed in its own layout (KNConv2dFunction), so the output is channels_last
+    too, as with nn.Conv2d: a network whose stream is channels_last (ConvNeXt's, after its permuted
+    LayerNorms; any model under `channels_last: true`) would otherwise switch layouts at every KNConv, and
+    the convs after it run on mixed layouts (CIFAR KN-ConvNeXt's depthwise convs on CPU: ~2x slower).
+    Flat drop indices are in x's memory order (NCHW, or NHWC for channels_last).
+    """
     if not is_channels_last(x):
         x = x.contiguous()
     device_type = x.device.type
@@ -188,9 +197,8 @@ def kn_conv2d(
         # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            x, weight = x.to(dtype), weight.to(dtype)
-            return _kn_conv2d_eager(x, weight, bias, stride_, pad, groups, eps, drop, draw_p, scale)
-    return _kn_conv2d_eager(x, weight, bias, stride_, pad, groups, eps, drop, draw_p, scale)
+            return fn(x.to(dtype), weight.to(dtype), *args)
+    return fn(x, weight, *args)
 
 
 @torch.compiler.disable

@@ -22,17 +22,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from kn_dist.layers.dropout_draws import draw_dropped, floor_div
+from kn_dist.layers.dropout_draws import draw_dropped
+from kn_dist.layers.kernel_norm import drop_plan
+from kn_dist.layers.kn_conv_function import drop_sums, stats_dtype
 
 
 def _check_dropout(p: float, layer: str) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{layer}: dropout_p={p} is outside [0, 1)")
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    # fp32 statistics for half / bf16 inputs, also under autocast; fp64 stays fp64 (gradcheck)
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _var_mean(d: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -61,14 +58,6 @@ def _unit_mean(t: Tensor, geometry: tuple[int, int, int, int]) -> Tensor:
     return torch.cat([flat[:, :p], grid], dim=1).view(t.shape)
 
 
-def _position_of(flat: Tensor, shape: torch.Size, dim: int) -> Tensor:
-    """Flat position index (into the (N, P) maps) of flat element indices into a contiguous (N, L, D) tensor."""
-    if dim == 2:  # positions are the L tokens
-        return floor_div(flat, shape[2])
-    length, depth = shape[1], shape[2]  # positions are the D channels: n * D + (flat mod D)
-    return floor_div(flat, length * depth) * depth + flat - floor_div(flat, depth) * depth
-
-
 class _GridKernelNorm(torch.autograd.Function):
     """y = (x - mu) * r per unit, with mu and r = (var + eps)^-1/2 of the dropped-out copy d = scale * x * keep.
 
@@ -94,7 +83,7 @@ class _GridKernelNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dropped: Tensor | None, scale: float, geometry: tuple, eps: float, dim: int) -> Tensor:
-        xf = x.to(_stats_dtype(x))  # statistics in fp32, also under autocast
+        xf = x.to(stats_dtype(x))  # statistics in fp32, also under autocast
         ctx.sparse = None
         if dropped is not None and dropped.dtype == torch.bool:
             var_t, mu_t = _var_mean(xf.masked_fill(dropped, 0.0) * scale, dim)  # per position
@@ -137,21 +126,25 @@ class _GridKernelNorm(torch.autograd.Function):
 def _drop_corrected(xf: Tensor, dropped: Tensor, scale: float, mu_t: Tensor, var_t: Tensor, dim: int):
     """Per-position (mean, variance) of scale * x * keep from those of x and the dropped elements' flat indices.
 
-    Returns both in the shape and dtype of mu_t, and (position index, value) of each dropped element.
+    x (N, L, D) is KNConv2d's (N, C, positions) with C = the depth: for `dim` = 2 in channels-last order,
+    for `dim` = 1 in channel-first order, so `drop_sums` gives the per-position corrections. Returns both
+    in the shape and dtype of mu_t, and (position index, value) of each dropped element.
     """
-    depth = xf.shape[dim]
-    pos = _position_of(dropped, xf.shape, dim)
-    xd = xf.reshape(-1).take(dropped)
-    xd64 = xd.to(torch.float64)
-    corr = torch.stack([xd64 * (-1.0 / depth), xd64.square() * (-1.0 / depth)])
-    sums = torch.zeros((2, mu_t.numel()), dtype=torch.float64, device=xf.device).scatter_add_(
-        1, pos.expand(2, -1), corr
-    )
-    q, s2 = sums[0].view(mu_t.shape), sums[1].view(mu_t.shape)
+    xs = xf.mT if dim == 2 else xf  # (N, depth, positions), a view
+    q, s2, pos, xd = drop_sums(xs, dropped, channels_last=dim == 2)
+    q, s2 = q.view(mu_t.shape), s2.view(mu_t.shape)
     m = mu_t.to(torch.float64)
     mean = (m + q).mul_(scale)
     var = (var_t.to(torch.float64) + s2).addcmul_(m, q, value=-2.0).sub_(q.square()).mul_(scale * scale).clamp_min_(0.0)
-    return mean.to(xf.dtype), var.to(xf.dtype), (pos.to(torch.int32), xd)  # compact for backward
+    return mean.to(xf.dtype), var.to(xf.dtype), (pos, xd)
+
+
+def _drop(x: Tensor, keep_mask: Tensor | None, dropout_p: float, active: bool) -> tuple[Tensor | None, float]:
+    """(dropped: flat indices on CPU, else a bool mask, or None; the inverted-dropout scale)."""
+    drop, draw_p, scale = drop_plan(keep_mask, dropout_p, active)
+    if draw_p > 0:
+        drop = draw_dropped(x, draw_p)  # flat indices on CPU (no mask built), else a bool mask
+    return drop, scale
 
 
 class KernelNormTokens(nn.Module):
@@ -225,12 +218,7 @@ class KernelNormTokens(nn.Module):
         p = self.num_prefix_tokens
         h, w = self._grid(x.shape[1] - p)
         x = x.contiguous()  # flat drop indices and the sparse corrections address x in row-major order
-        dropped = None
-        if keep_mask is not None:
-            dropped = ~keep_mask
-        elif self.dropout_p > 0 and (self.training or self.eval_dropout):
-            dropped = draw_dropped(x, self.dropout_p)  # flat indices on CPU (no mask built), else a bool mask
-        scale = 1.0 if dropped is None else 1.0 / (1.0 - self.dropout_p)  # inverted dropout
+        dropped, scale = _drop(x, keep_mask, self.dropout_p, self.training or self.eval_dropout)
         return _GridKernelNorm.apply(x, dropped, scale, (p, h, w, self.kernel_size), self.eps, 2)
 
     def extra_repr(self) -> str:
@@ -278,12 +266,7 @@ class KernelNormEmbedGrid(nn.Module):
         """x: (N, L, D) -> (N, L, D). `keep_mask` (bool, shape of x, True = kept) replaces the random draw."""
         (a, b), k = self.grid, self.kernel_size
         x = x.contiguous()  # flat drop indices and the sparse corrections address x in row-major order
-        dropped = None
-        if keep_mask is not None:
-            dropped = ~keep_mask
-        elif self.dropout_p > 0 and (self.training or self.eval_dropout):
-            dropped = draw_dropped(x, self.dropout_p)
-        scale = 1.0 if dropped is None else 1.0 / (1.0 - self.dropout_p)
+        dropped, scale = _drop(x, keep_mask, self.dropout_p, self.training or self.eval_dropout)
         # positions: the D channels on the (a, b) grid, each with its L token values
         return _GridKernelNorm.apply(x, dropped, scale, (0, a, b, k), self.eps, 1)
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kn_dist.layers.dropout_draws import draw_dropped, is_channels_last, memory_flat
-from kn_dist.layers.kernel_norm import KNConv2d
+from kn_dist.layers.kernel_norm import KNConv2d, drop_plan, run_conv_function
 from kn_dist.layers.kn_conv_function import (
     MAP_DTYPE,
     _as_ncl,
@@ -182,23 +182,12 @@ class KNConcatConv2d(KNConv2d):
             return super().forward(x, keep_mask)
         if stats.count != x.shape[1]:
             raise ValueError(f"stats cover {stats.count} channels but the input has {x.shape[1]}")
-        drop = None if keep_mask is None else ~keep_mask
-        draw_p = self.dropout_p if keep_mask is None and (self.training or self.eval_dropout) else 0.0
-        scale = 1.0 if drop is None and draw_p == 0 else 1.0 / (1.0 - self.dropout_p)
-        if not is_channels_last(x):
-            x = x.contiguous()
-        device_type = x.device.type
-        weight = self.weight
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            # conv in the autocast dtype, statistics and normalisation in fp32 (as kn_conv2d)
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return _apply(x.to(dtype), stats, weight.to(dtype), self.bias, self.eps, drop, draw_p, scale)
-        return _apply(x, stats, weight, self.bias, self.eps, drop, draw_p, scale)
+        drop, draw_p, scale = drop_plan(keep_mask, self.dropout_p, self.training or self.eval_dropout)
+        return run_conv_function(_apply, x, self.weight, stats, self.bias, self.eps, drop, draw_p, scale)
 
 
 @torch.compiler.disable
-def _apply(x, stats, weight, bias, eps, drop, draw_p, scale):
+def _apply(x, weight, stats, bias, eps, drop, draw_p, scale):
     """Kept out of torch.compile graphs, with its random draw, like KNConv2dFunction (see `_kn_conv2d_eager`)."""
     if draw_p > 0:
         drop = draw_dropped(x, draw_p)  # the draw KNConv2d makes: flat indices on CPU, else a mask

@@ -115,17 +115,19 @@ class _DenseBlock(nn.ModuleDict):
 
 
 class _KNFeatures:
-    """A KN dense block's feature maps so far: raw, ReLU'd (what the next 1x1 KNConv reads, concatenated)
-    and the per-pixel statistics of the ReLU'd concatenation, merged one map at a time."""
+    """A KN dense block's feature maps so far: ReLU'd (what the next 1x1 KNConv reads, concatenated), the
+    per-pixel statistics of their concatenation, merged one map at a time, and (`keep_raw`) the raw maps."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_raw: bool) -> None:
+        self.keep_raw = keep_raw  # only the last block hands its raw features on (to the final norm)
         self.raw: list[Tensor] = []
         self.relu: list[Tensor] = []
         self.stats: PixelStats | None = None
 
     def append(self, raw: Tensor) -> None:
         x = torch.relu(raw)  # not in place: the last block hands its raw features to the final norm
-        self.raw.append(raw)
+        if self.keep_raw:
+            self.raw.append(raw)
         self.relu.append(x)
         stats = pixel_stats(x)
         self.stats = stats if self.stats is None else merge_stats(self.stats, stats)
@@ -158,7 +160,7 @@ class _KNDenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", _KNDenseLayer(cin + i * growth, growth, bn_size, ops))
 
     def forward(self, x: Tensor) -> _KNFeatures | Tensor:
-        features = _KNFeatures()
+        features = _KNFeatures(keep_raw=self.last)
         features.append(x)
         for layer in self.values():
             features.append(layer(features))
