@@ -15,8 +15,6 @@ MLflow is written by the same loop code, so the records are the same whichever w
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +23,9 @@ from typing import Any
 
 import torch
 
+from kn_dist.checkpoint_store import checkpoint_folders, save_checkpoint
 from kn_dist.runtime import say
-from kn_dist.worker import CHECKPOINT_FILE, LoopConfig, checkpoint_epoch, train_loop
+from kn_dist.worker import LoopConfig, train_loop
 
 
 @dataclass(frozen=True)
@@ -49,18 +48,6 @@ class InProcessResult:
     path: str
 
 
-def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
-    """(epoch, folder) of every complete kn_dist checkpoint under `run_dir`, oldest first."""
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for folder in run_dir.iterdir():
-        epoch = checkpoint_epoch(folder.name)
-        if epoch is not None and (folder / CHECKPOINT_FILE).is_file():
-            found.append((epoch, folder))
-    return sorted(found)
-
-
 class LocalSession:
     """kn_dist.worker's Session for one worker in this process: checkpoints are folders under `run_dir`."""
 
@@ -80,19 +67,9 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, dir_name: str | None) -> None:
         self.metrics = dict(metrics)
-        if not checkpoint_dir:
-            return
-        # Copy, then rename: a run killed mid-copy leaves a hidden temporary folder, never a half checkpoint.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        final, partial = self.run_dir / dir_name, self.run_dir / f".{dir_name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, partial)
-        if final.exists():  # the same epoch checkpointed again after a restart
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        self.checkpoint = FolderCheckpoint(str(final))
-        for _, old in checkpoint_folders(self.run_dir)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if checkpoint_dir:
+            saved = save_checkpoint(str(self.run_dir.parent), self.run_dir.name, checkpoint_dir, dir_name, self.keep)
+            self.checkpoint = FolderCheckpoint(saved)
 
 
 @contextlib.contextmanager

@@ -7,18 +7,23 @@ A study file is a sweep file (kn_dist.sweep) plus a `study:` section:
       select_epoch: last        # a trial's score: its last val top-1, or its best epoch's ("best")
       final_train_on: train     # or "train+val": finals train on both (their val figures then mean little)
 
-(a) the sweep, as `kn-dist tune` runs it: every (architecture, norm) cell gets the same trials and epochs;
-(b) per cell, the configuration with the best val score among trials that ran their full budget;
-(c) finals: that configuration once per seed, evaluated once on the test split after its last epoch;
-(d) the report (kn_dist.study_report): mean ± sd and 95 % CI of test top-1 per cell, KernelNorm minus the
-    published norm with Welch's 95 % CI and p-value, the cost, one sentence per architecture.
+(a) the sweep, as `kn-dist tune` runs it, with paired draws (random search) and equal budgets per cell
+    (scheduler halving or fifo: kn_dist.sweep_progress);
+(b) per cell, the configuration with the best mean val score over its replicates among those that ran the
+    full budget, the cells' full-budget counts checked equal (kn_dist.study_selection), pinned on the study run;
+(c) finals: that configuration once per study seed s, trained with a seed from the finals' own stream
+    (final_seed: never a trial's seed, so a final never replays a trial; the same for every norm, so seed s
+    gives every norm the same data order and augmentation), evaluated once on the test split;
+(d) the report (kn_dist.study_report).
 The sweep run and the final runs nest under the study run, which holds the report and per-cell metrics.
-`--resume` continues a killed study: finished trials and finished final runs are not redone.
+`--resume` continues a killed study: finished trials and finals are kept, finals are keyed by (cell, seed),
+and `study.seeds` may grow (3 -> 5 runs only seeds 3 and 4); any other change to the study is refused.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,10 +34,19 @@ from kn_dist import config, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.runtime import init_ray, say
+from kn_dist.study_selection import (
+    Selected,
+    check_unchanged,
+    pin_or_check_selection,
+    select_configurations,
+    study_params,
+)
 from kn_dist.sweep import Sweep, load_sweep
 from kn_dist.worker import LoopConfig
 
 STUDY_TAG, CELL_TAG, SEED_TAG = "kn_dist.study", "kn_dist.cell", "kn_dist.seed"
+SEEDS_TAG = "kn_dist.study_seeds"  # the study seeds of the latest start (JSON list): they may grow on --resume
+FINAL_PASSES_TAG = "kn_dist.final_passes"
 
 
 class StudySpec(BaseModel):
@@ -90,103 +104,41 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         msg = first["msg"].removeprefix("Value error, ")
         raise UserError(f"study file {str(path)!r}: study.{key}: {msg}") from None
     sweep = load_sweep(path, [o for o in overrides or [] if not o.startswith("study.")], raw=raw)
-    return Study(name=sweep.name, spec=spec, sweep=sweep, path=path)
-
-
-# ---------------------------------------------------------------------------------------------------
-# selection
-
-
-@dataclass(frozen=True)
-class Selected:
-    """The configuration a cell's finals retrain, and why it was chosen."""
-
-    model: str
-    norm: str
-    run_id: str
-    trial_id: str
-    score: float  # val top-1 by select_epoch
-    full_budget_trials: int
-    config: ExperimentConfig
-
-    @property
-    def cell(self) -> str:
-        return f"{self.model}/{self.norm}"
-
-
-def select_configurations(client: Any, study: Study, sweep_run_id: str) -> list[Selected]:
-    """Per cell, the trial with the best val score among trials that ran every epoch (FINISHED, all epochs logged).
-
-    Ties go to the earlier trial. A cell without any full-budget trial is an error: its answer would rest
-    on a configuration nobody trained to the end.
-    """
-    from kn_dist.report import run_config
-
-    epochs = study.base.epochs
-    trials = tracking.child_runs(client, study.base.tracking.experiment, sweep_run_id)
-    by_cell: dict[tuple[str, str], list[tuple[float, int, Any]]] = {}
-    for run in sorted(trials, key=lambda r: r.info.start_time):
-        if run.data.tags.get("kn_dist.kind") != "trial" or run.info.status != "FINISHED":
-            continue
-        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
-        if sorted(history) != list(range(1, epochs + 1)):
-            continue
-        score = history[epochs] if study.spec.select_epoch == "last" else max(history.values())
-        key = (run.data.tags["kn_dist.model"], run.data.tags["kn_dist.norm"])
-        by_cell.setdefault(key, []).append((score, len(by_cell.get(key, [])), run))
-    selected = []
-    for cell in study.sweep.cells:
-        key = (cell.values["model.name"], cell.norm)
-        if key in {(s.model, s.norm) for s in selected}:
-            continue
-        candidates = by_cell.get(key, [])
-        if not candidates:
-            raise UserError(
-                f"study {study.name!r}: cell {key[0]}/{key[1]} has no trial that ran all {epochs} epochs; "
-                "raise tune.num_samples or lower the scheduler's reduction so at least one trial reaches max_t"
-            )
-        score, _, run = max(candidates, key=lambda c: (c[0], -c[1]))
-        record = _record(run)
-        selected.append(
-            Selected(
-                key[0],
-                key[1],
-                run.info.run_id,
-                record.trial_id or "",
-                score,
-                len(candidates),
-                run_config(client, record),
-            )
+    where = f"study file {str(path)!r}"
+    if sweep.tune.search != "random":
+        raise UserError(
+            f"{where}: tune.search={sweep.tune.search} adapts each norm's draws to its own results, so the norms "
+            "would not be offered the same values (paired draws, DESIGN.md §8); use search: random"
         )
-    return selected
-
-
-def _record(run: Any) -> Any:
-    from kn_dist.report import RunRecord
-
-    tags = run.data.tags
-    return RunRecord(
-        run_id=run.info.run_id,
-        model=tags["kn_dist.model"],
-        norm=tags["kn_dist.norm"],
-        params={k: v for k, v in run.data.params.items() if not k.startswith("derived.")},
-        score=run.data.metrics.get("val_top1"),
-        trial_id=tags.get("kn_dist.trial_id"),
-    )
+    if sweep.tune.scheduler.name == "asha":
+        raise UserError(
+            f"{where}: tune.scheduler asha ranks all cells together and ends them with unequal full-budget counts; "
+            "use halving (the same successive halving, per cell) or fifo"
+        )
+    return Study(name=sweep.name, spec=spec, sweep=sweep, path=path)
 
 
 # ---------------------------------------------------------------------------------------------------
 # finals
 
+FINAL_SEED_STREAM = 0x46494E41  # "FINA": the finals' seeds never come from the trials' sequence
 
-def final_loops(study: Study, selected: list[Selected], study_run_id: str) -> list[LoopConfig]:
-    """One loop per (cell, seed): the selected config with that seed, evaluated on test at its end."""
-    loops = []
+
+def final_seed(base_seed: int, seed: int) -> int:
+    """The training seed of study seed `seed`: a 31-bit draw of its own stream, the same for every cell."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([FINAL_SEED_STREAM, base_seed % 2**32, seed]).generate_state(1)[0] >> 1)
+
+
+def final_loops(study: Study, selected: list[Selected], study_run_id: str) -> dict[str, LoopConfig]:
+    """One loop per (cell, study seed), keyed by its run key: the selected config, evaluated on test at its end."""
+    loops = {}
     train_path = _train_plus_val_path(study) if study.spec.final_train_on == "train+val" else None
     for choice in selected:
         for seed in study.spec.seed_list:
             raw = choice.config.model_dump(mode="json")
-            raw["seed"] = seed
+            raw["seed"] = final_seed(study.base.seed, seed)
             raw["name"] = f"{study.name}-final-{choice.model}-{choice.norm.replace('+', '_')}-s{seed}"
             raw["tracking"] = study.base.tracking.model_dump(mode="json")
             if train_path is not None:
@@ -196,20 +148,40 @@ def final_loops(study: Study, selected: list[Selected], study_run_id: str) -> li
                 STUDY_TAG: study.name,
                 CELL_TAG: choice.cell,
                 SEED_TAG: str(seed),
-                "kn_dist.selected_trial": choice.trial_id,
+                "kn_dist.train_seed": str(cfg.seed),
+                "kn_dist.selected_trial": choice.candidate,
                 "kn_dist.final_train_on": study.spec.final_train_on,
             }
-            loops.append(
-                LoopConfig(
-                    config=cfg,
-                    run_key=f"final:{study.name}:{choice.cell}:{seed}",
-                    kind="final",
-                    mlflow_parent_run_id=study_run_id,
-                    tags=tags,
-                    evaluate_test=True,
-                )
+            key = f"final:{study.name}:{choice.cell}:{seed}"
+            loops[key] = LoopConfig(
+                config=cfg,
+                run_key=key,
+                kind="final",
+                mlflow_parent_run_id=study_run_id,
+                tags=tags,
+                evaluate_test=True,
             )
     return loops
+
+
+def check_no_replay(client: Any, study: Study, sweep_run_id: str, loops: dict[str, LoopConfig]) -> None:
+    """Refuse finals that would retrain a sweep trial: the same cell, seed and sampled values."""
+    from kn_dist.config import to_flat_dict
+
+    trials: dict[str, list[dict[str, str]]] = {}
+    for run in tracking.child_runs(client, study.base.tracking.experiment, sweep_run_id):
+        if run.data.tags.get("kn_dist.kind") == "trial":
+            cell = f"{run.data.tags['kn_dist.model']}/{run.data.tags['kn_dist.norm']}"
+            trials.setdefault(cell, []).append(run.data.params)
+    searched = {k for c in study.sweep.cells for k in c.space} | {"seed"}
+    for loop in loops.values():
+        final = {k: str(v) for k, v in to_flat_dict(loop.config).items() if k in searched}
+        for params in trials.get(loop.tags[CELL_TAG], []):
+            if all(params.get(k) == v for k, v in final.items()):
+                raise UserError(
+                    f"study {study.name!r}: final {loop.config.name} would replay a sweep trial (cell "
+                    f"{loop.tags[CELL_TAG]}, seed {loop.config.seed}, the same values); choose other study.seeds"
+                )
 
 
 def _train_plus_val_path(study: Study) -> str:
@@ -220,40 +192,49 @@ def _train_plus_val_path(study: Study) -> str:
     return str(write_train_plus_val(d.dataset, out, source_dir=d.source_dir, image_size=d.image_size))
 
 
-def final_loop(trial: dict[str, Any], trial_id: str, *, loops: list[LoopConfig]) -> LoopConfig:
-    """The Tune trial of a final run is just its index in the study's list of final loops."""
-    return loops[trial["final"]].model_copy(update={"trial_id": trial_id})
+def final_loop(trial: dict[str, Any], trial_id: str, *, loops: dict[str, LoopConfig]) -> LoopConfig:
+    """The Tune trial of a final run is its run key in the study's finals."""
+    return loops[trial["final"]]
 
 
-def fit_finals(study: Study, loops: list[LoopConfig], *, resume: bool) -> Any:
-    """Run (or restore) the finals as one FIFO Tune run: every loop once, as many at once as fit."""
+def finished_finals(client: Any, study: Study) -> set[str]:
+    """Run keys of the study's finals that FINISHED with their test figure."""
+    exp = client.get_experiment_by_name(study.base.tracking.experiment)
+    where = f"tags.`{STUDY_TAG}` = '{study.name}' and tags.`kn_dist.kind` = 'final' and attributes.status = 'FINISHED'"
+    runs = client.search_runs([exp.experiment_id], where, max_results=5000) if exp else []
+    return {r.data.tags[tracking.RUN_KEY_TAG] for r in runs if "test_top1" in r.data.metrics}
+
+
+def fit_finals(study: Study, loops: dict[str, LoopConfig], study_run_id: str) -> None:
+    """Run `loops` as one FIFO Tune run (a pass): each once, as many at once as fit. A final killed earlier
+    continues from its checkpoint under <storage>/<study>-finals-runs."""
     import ray
     from ray import tune
 
     from kn_dist import ray_compat
-    from kn_dist.tune import concurrency_limit, loop_trainable, storage_join, tune_run_config
+    from kn_dist.tune import concurrency_limit, storage_join, tune_run_config
+    from kn_dist.tune_trial import loop_trainable
 
-    name = f"{study.name}-finals"
     base = study.base
-    folder = storage_join(base.checkpoint.storage_path, name)
-    runs = storage_join(base.checkpoint.storage_path, f"{name}-runs")  # TorchTrainer finals' checkpoints
+    client = tracking.client(base.tracking.uri)
+    passes = int(client.get_run(study_run_id).data.tags.get(FINAL_PASSES_TAG, "0")) + 1
+    client.set_tag(study_run_id, FINAL_PASSES_TAG, str(passes))
+    runs = storage_join(base.checkpoint.storage_path, f"{study.name}-finals-runs")
     trainable = loop_trainable(functools.partial(final_loop, loops=loops), base.scaling, runs)
-    if resume and tune.Tuner.can_restore(folder):
-        tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        limit, _ = concurrency_limit(study.sweep, ray.cluster_resources(), ray_compat.autoscaler_max_resources())
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"final": tune.grid_search(list(range(len(loops))))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=min(limit, len(loops)), reuse_actors=False),
-            run_config=tune_run_config(name, base),
-        )
+    limit, _ = concurrency_limit(study.sweep, ray.cluster_resources(), ray_compat.autoscaler_max_resources())
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"final": tune.grid_search(sorted(loops))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=min(limit, len(loops)), reuse_actors=False),
+        run_config=tune_run_config(f"{study.name}-finals-pass{passes}", base),
+    )
     results = tuner.fit()
     if results.errors:
         raise UserError(
-            f"study {study.name!r}: {len(results.errors)} final run(s) failed: {results.errors[0]}".splitlines()[0]
+            f"study {study.name!r}: {len(results.errors)} final run(s) failed after checkpoint.max_failures="
+            f"{base.checkpoint.max_failures} retries ({results.errors[0]}".splitlines()[0]
+            + "); fix the cause and run the study again with --resume: finished finals are kept"
         )
-    return results
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,13 +253,14 @@ def _study_run(study: Study, *, resume: bool) -> str:
     if run_id is None and resume:
         raise UserError(f"--resume: no study {study.name!r} in MLflow experiment {experiment!r}")
     if run_id is not None:
+        check_unchanged(client, study, run_id)
         tracking.mark_running(client, run_id)
-        return run_id
-    tags = tracking.run_tags(study.base, run_key=key, kind="study", extra={STUDY_TAG: study.name})
-    run_id = tracking.create_run(client, experiment, study.base, tags)
-    sections = {f"study.{k}": v for k, v in study.spec.model_dump(mode="json").items()}
-    sections |= {f"tune.{k}": v for k, v in study.sweep.tune.model_dump(mode="json").items()}
-    tracking.log_text_params(client, run_id, sections)
+    else:
+        tags = tracking.run_tags(study.base, run_key=key, kind="study", extra={STUDY_TAG: study.name})
+        run_id = tracking.create_run(client, experiment, study.base, tags)
+        sections = {k: v for k, v in study_params(study).items() if k.startswith(("tune.", "study."))}
+        tracking.log_text_params(client, run_id, sections)
+    client.set_tag(run_id, SEEDS_TAG, json.dumps(study.spec.seed_list))
     return run_id
 
 
@@ -292,10 +274,9 @@ def run_study(
 ) -> Path:
     """`kn-dist study`: sweep, selection on val, finals on test, report; returns the report's path."""
     import ray
-    from ray import tune
 
     from kn_dist.study_report import write_study_report
-    from kn_dist.tune import fit_sweep, open_sweep, sweep_dir
+    from kn_dist.tune import fit_sweep, open_sweep
 
     study = load_study(path, overrides)
     open_sweep(path, tracking_uri=tracking_uri, sweep=study.sweep)  # every check before any trial starts
@@ -306,18 +287,25 @@ def run_study(
     try:
         sweep_run_id = tracking.find_run(client, study.base.tracking.experiment, f"sweep:{study.sweep.name}")
         if sweep_run_id is None or client.get_run(sweep_run_id).info.status != "FINISHED":
-            say("(a) the sweep: the same trials and epochs for every cell, scored on val")
-            fit_sweep(study.sweep, resume=tune.Tuner.can_restore(sweep_dir(study.sweep)), parent_run_id=study_run_id)
+            say("(a) the sweep: paired draws and equal budgets for every cell, scored on val")
+            fit_sweep(study.sweep, resume=True, parent_run_id=study_run_id)
             sweep_run_id = tracking.find_run(client, study.base.tracking.experiment, f"sweep:{study.sweep.name}")
         selected = select_configurations(client, study, sweep_run_id)
+        pin_or_check_selection(client, study, study_run_id, selected)
         for s in selected:
-            say(f"(b) {s.cell}: trial {s.trial_id} (val top-1 {100 * s.score:.2f} %, best of {s.full_budget_trials})")
-            client.set_tag(study_run_id, f"kn_dist.selected.{s.cell.replace('+', '_')}", s.run_id)
+            say(
+                f"(b) {s.cell}: configuration {s.candidate} (mean val {100 * s.score:.2f} %, best of "
+                f"{s.full_budget} of {s.offered} configurations that ran the full budget)"
+            )
         loops = final_loops(study, selected, study_run_id)
+        check_no_replay(client, study, sweep_run_id, loops)
+        todo = {k: v for k, v in loops.items() if k not in finished_finals(client, study)}
         say(
-            f"(c) finals: {len(loops)} runs ({len(selected)} cells x {len(study.spec.seed_list)} seeds), test once each"
+            f"(c) finals: {len(loops)} runs ({len(selected)} cells x {len(study.spec.seed_list)} seeds), "
+            f"{len(todo)} to run, test once each"
         )
-        fit_finals(study, loops, resume=resume)
+        if todo:
+            fit_finals(study, todo, study_run_id)
     except BaseException:
         try:
             tracking.finish(client, study_run_id, ok=False)

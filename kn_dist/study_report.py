@@ -48,12 +48,26 @@ class Cell:
         return summarize([100 * f.test_top1 for f in self.finals])
 
 
-def collect_finals(client: Any, experiment: str, study_run_id: str) -> dict[str, dict[str, Cell]]:
-    """model -> norm -> Cell, from the FINISHED final runs nested under the study run."""
+def collect_finals(
+    client: Any,
+    experiment: str,
+    study_run_id: str,
+    selected: dict[str, str] | None = None,
+    seeds: list[int] | None = None,
+) -> dict[str, dict[str, Cell]]:
+    """model -> norm -> Cell, from the FINISHED final runs nested under the study run.
+
+    `selected` (cell -> selected configuration) and `seeds` keep only the finals of this selection and
+    these study seeds: a final of another configuration or a dropped seed is never pooled in.
+    """
     cells: dict[str, dict[str, Cell]] = defaultdict(dict)
     for run in tracking.child_runs(client, experiment, study_run_id, status="FINISHED"):
         tags, metrics = run.data.tags, run.data.metrics
         if tags.get("kn_dist.kind") != "final" or "test_top1" not in metrics:
+            continue
+        if selected is not None and tags.get("kn_dist.selected_trial") != selected.get(tags.get("kn_dist.cell")):
+            continue
+        if seeds is not None and tags.get("kn_dist.seed") not in {str(s) for s in seeds}:
             continue
 
         def history(key: str, run_id: str = run.info.run_id) -> list[float]:
@@ -153,22 +167,28 @@ def write_study_report(client: Any, study: Any, study_run_id: str, selected: lis
     from kn_dist.runtime import say
 
     experiment = study.base.tracking.experiment
-    cells = collect_finals(client, experiment, study_run_id)
+    picked = {(s.model, s.norm): s for s in selected}
+    chosen_by_cell = {s.cell: s.candidate for s in selected}
+    cells = collect_finals(client, experiment, study_run_id, chosen_by_cell, study.spec.seed_list)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seen = study.spec.final_train_on == "train+val"
     val_label = "val (also trained on)" if seen else "val"
     target = study.sweep.tune.target_top1
-    picked = {(s.model, s.norm): s for s in selected}
+    tune = study.sweep.tune
+    budget = "; ".join(f"{s.cell} {s.full_budget} of {s.offered}" for s in selected)
+    replicated = f", each the mean of {len(tune.seeds)} seeds" if tune.seeds else ""
     lines = [
         f"# Does KernelNorm beat the published norm? Study `{study.name}`",
         "",
         f"MLflow experiment `{experiment}` at `{study.base.tracking.uri}`, study run `{study_run_id}`; written "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Protocol (DESIGN.md §8): every cell got "
-        f"{study.sweep.tune.num_samples} sweep trial(s) of {study.base.epochs} epochs on `{study.base.data.dataset}`, "
-        f"scored on val ({study.spec.select_epoch} epoch); the best full-budget configuration per cell was "
-        f"retrained once per seed (seeds {study.spec.seed_list}) on {study.spec.final_train_on} and evaluated "
-        "once on the test split.",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Protocol (DESIGN.md §8): every cell was offered the same "
+        f"{selected[0].offered if selected else 0} configuration(s) of the shared keys (paired random draws, "
+        f"KernelNorm's own keys drawn apart) for up to {study.base.epochs} epochs on `{study.base.data.dataset}`, "
+        f"scored on val ({study.spec.select_epoch} epoch{replicated}); scheduler `{tune.scheduler.name}`; "
+        f"configurations that ran the full budget: {budget}. The best of them per cell was retrained once per "
+        f"study seed ({study.spec.seed_list}; training seeds from the finals' own stream, the same for every "
+        f"norm, never a trial's) on {study.spec.final_train_on} and evaluated once on the test split.",
         "",
         "## The answer",
         "",
@@ -192,7 +212,7 @@ def write_study_report(client: Any, study: Any, study_run_id: str, selected: lis
             s = cell.summary
             mean_sd, ci = _fmt(s)
             choice = picked.get((model, norm))
-            chosen = f"{choice.trial_id} ({100 * choice.score:.2f})" if choice else "—"
+            chosen = f"{choice.candidate} ({100 * choice.score:.2f})" if choice else "—"
             secs = statistics.median(x for f in cell.finals for x in f.epoch_seconds)
             ips = statistics.median(x for f in cell.finals for x in f.images_per_s)
             peak = max(f.peak_mem_mb for f in cell.finals)

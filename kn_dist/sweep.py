@@ -5,7 +5,7 @@ A sweep file is an experiment config (kn_dist/config.py) plus a `tune:` section:
     tune:
       search: random            # or optuna (TPE)
       num_samples: 2            # sampled configurations per cell (architecture x norm x grid values)
-      scheduler: {name: asha, grace_period: 1, reduction_factor: 3}
+      scheduler: {name: halving, grace_period: 1, reduction_factor: 3}   # or fifo, or asha (not in studies)
       space:                    # every trial; `grid` keys multiply the cells
         optim.lr: {loguniform: [0.01, 0.2]}
       architectures:
@@ -16,12 +16,17 @@ A sweep file is an experiment config (kn_dist/config.py) plus a `tune:` section:
             model.kwargs.kn_kernel_size: {choice: [2, 4]}
 
 Every cell gets `num_samples` trials, so a baseline norm gets exactly the budget of KernelNorm
-(DESIGN.md §8). kn_dist.tune runs a Sweep on Ray Tune; kn_dist.study adds selection and finals.
+(DESIGN.md §8). Draws are paired: with random search the i-th sample of every shared key (tune.space,
+an architecture's space) is the same value for every norm of that architecture, and so is the i-th
+sample's seed; KernelNorm-only keys come from a stream of their own, so adding one changes no shared
+value. kn_dist.tune runs a Sweep on Ray Tune; kn_dist.sweep_progress decides which trial segments run
+(successive halving per cell); kn_dist.study adds selection and finals.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -103,7 +108,13 @@ class ArchitectureSpec(_Strict):
 
 
 class SchedulerSpec(_Strict):
-    name: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs its full budget
+    """How trials are cut short. `halving`: synchronous successive halving per cell (kn_dist.sweep_progress):
+    at each rung (grace_period x reduction_factor^k epochs) a cell keeps its best floor(n / reduction_factor)
+    configurations (at least one), so every cell ends with the same number of full-budget trials.
+    `fifo`: every trial runs its full budget. `asha`: Ray Tune's asynchronous ASHA over all cells together,
+    for exploratory `kn-dist tune` sweeps only (cells end with unequal budgets; studies refuse it)."""
+
+    name: Literal["halving", "asha", "fifo"] = "halving"
     grace_period: int = Field(1, ge=1)  # epochs before a trial may be stopped
     reduction_factor: float = Field(3.0, gt=1)  # keep the top 1/reduction_factor at each rung
 
@@ -129,6 +140,13 @@ class Cell:
     values: dict[str, Any]  # dotted config key -> value
     space: dict[str, SpaceSpec]  # dotted config key -> sampled domain
     norm: str
+    group: int = 0  # cells of one architecture and grid combination share their draws (paired draws)
+    kn_keys: frozenset[str] = frozenset()  # keys of `space` that only KernelNorm cells sample
+
+    @property
+    def label(self) -> str:
+        """model/norm: how a study names the cell."""
+        return f"{self.values['model.name']}/{self.norm}"
 
 
 @dataclass
@@ -202,10 +220,13 @@ def _cells(spec: TuneSpec) -> list[Cell]:
         if any(s.form == "grid" for s in arch.space.values()):
             raise UserError(f"{where}.space: grids belong in tune.space (shared by every architecture)")
         fixed = {"model.name": arch.model, **{f"model.kwargs.{k}": v for k, v in arch.kwargs.items()}}
-        for norm, combo in itertools.product(norms, itertools.product(*grid.values())):
-            space = {**shared, **arch.space, **(arch.kn_space if is_kn(norm) else {})}
+        combos = list(itertools.product(*grid.values()))
+        for norm, (c, combo) in itertools.product(norms, enumerate(combos)):
+            kn = arch.kn_space if is_kn(norm) else {}
+            space = {**shared, **arch.space, **kn}
             values = {**fixed, "model.norm": norm, **dict(zip(grid, combo, strict=True))}
-            cells.append(Cell(values=values, space=space, norm=norm))
+            group = i * len(combos) + c
+            cells.append(Cell(values=values, space=space, norm=norm, group=group, kn_keys=frozenset(kn)))
     return cells
 
 
@@ -254,7 +275,51 @@ def validate_sweep(sweep: Sweep) -> None:
                 raise UserError(f"sweep {sweep.name!r}: the combination {shown} cannot be built: {error}")
 
 
+# Streams of the paired random search: shared keys and KernelNorm-only keys never share generator words.
+_SHARED_STREAM, _KN_STREAM = 0, 1
+
+
+def _draw(spec: SpaceSpec, rng: Any) -> Any:
+    """One value of `spec` (not a grid) from numpy Generator `rng`, as a plain Python number or choice."""
+    if spec.form == "choice":
+        return spec.choice[int(rng.integers(len(spec.choice)))]
+    lo, hi = getattr(spec, spec.form)
+    if spec.form == "uniform":
+        return float(rng.uniform(lo, hi))
+    if spec.form == "loguniform":
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return int(rng.integers(lo, hi + 1))  # randint: both bounds inclusive
+
+
+def sample_values(sweep: Sweep, cell: int, sample: int) -> dict[str, Any]:
+    """The `sample`-th random draw of cell `cell`'s space: paired across the norms of its architecture.
+
+    Shared keys come from a generator seeded by (search_seed, shared stream, cell group, sample) and are
+    drawn in sorted key order, so every norm of a group gets the same values; KernelNorm-only keys from
+    (search_seed, KernelNorm stream, group, sample).
+    """
+    import numpy as np
+
+    spec = sweep.cells[cell]
+    values: dict[str, Any] = {}
+    for stream, keys in ((_SHARED_STREAM, set(spec.space) - spec.kn_keys), (_KN_STREAM, spec.kn_keys)):
+        rng = np.random.default_rng([sweep.tune.search_seed, stream, spec.group, sample])
+        values |= {key: _draw(spec.space[key], rng) for key in sorted(keys)}
+    return values
+
+
+def trial_seed(sweep: Sweep, sample: int, rep: int) -> int:
+    """The training seed of a sweep trial: tune.seeds[rep], else base seed + sample. It does not depend on
+    the cell, so the i-th sample of every norm sees the same data order and augmentation (paired)."""
+    return sweep.tune.seeds[rep] if sweep.tune.seeds else sweep.base.seed + sample
+
+
+def replicates(sweep: Sweep) -> int:
+    """Trials per sampled configuration: one per tune.seeds entry, else one."""
+    return len(sweep.tune.seeds or [0])
+
+
 def trial_plan(sweep: Sweep) -> list[tuple[int, int, int]]:
     """(cell, sample, replicate) of every trial, sample-major so early trials cover every cell."""
-    reps = len(sweep.tune.seeds or [0])
+    reps = replicates(sweep)
     return [(c, s, r) for s in range(sweep.tune.num_samples) for c in range(len(sweep.cells)) for r in range(reps)]

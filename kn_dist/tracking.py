@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from kn_dist.config import ExperimentConfig, is_kn, to_flat_dict, to_yaml
 from kn_dist.errors import UserError
 
+STOPPED_TAG = "kn_dist.stopped_early"  # a sweep trial that a scheduler stopped before its full budget
 RUN_KEY_TAG = "kn_dist.run_key"  # stable identity of a training run across restarts (see find_or_create_run)
 PARENT_KINDS = ("sweep", "study")  # runs that hold other runs (tag mlflow.parentRunId on the children)
 EPOCH_METRICS = (
@@ -299,16 +300,20 @@ def finish(client: MlflowClient, run_id: str, ok: bool = True, status: str | Non
     client.set_terminated(run_id, status or RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 
 
-def close_children(client: MlflowClient, experiment: str, parent_run_id: str, failed_run_keys: set[str]) -> None:
-    """End the children a sweep left RUNNING: FAILED where the trial errored, KILLED where a scheduler
-    stopped it early (its worker was killed mid-run and could not end its own run), tagged so."""
+def close_children(
+    client: MlflowClient, experiment: str, parent_run_id: str, failed_run_keys: set[str], stopped_run_keys: set[str]
+) -> None:
+    """End the children a Tune run left RUNNING: FAILED where the trial failed; KILLED and tagged
+    kn_dist.stopped_early where a scheduler stopped it (its worker was killed mid-run or its segment ended
+    and it was not promoted); KILLED otherwise (interrupted: a later pass continues it)."""
     for run in child_runs(client, experiment, parent_run_id, status="RUNNING"):
         key = run.data.tags.get(RUN_KEY_TAG)
         if key in failed_run_keys:
             finish(client, run.info.run_id, ok=False)
-        else:
-            client.set_tag(run.info.run_id, "kn_dist.stopped_early", "true")
-            finish(client, run.info.run_id, status="KILLED")
+            continue
+        if key in stopped_run_keys:
+            client.set_tag(run.info.run_id, STOPPED_TAG, "true")
+        finish(client, run.info.run_id, status="KILLED")
 
 
 def log_study_results(client: MlflowClient, run_id: str, metrics: dict[str, float], report_dir: Path) -> None:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kn_dist import ray_compat, tracking
+from kn_dist.checkpoint_store import latest_checkpoint
 from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.prepare import prepare_config
 from kn_dist.runtime import TIMELINE_TAG, init_ray, is_local_address, mark, say, timeline_json
-from kn_dist.worker import CHECKPOINT_FILE, LoopConfig, checkpoint_epoch
+from kn_dist.worker import LoopConfig
 
 if TYPE_CHECKING:
     import ray.train
@@ -81,35 +82,6 @@ def build_torch_trainer(loop: LoopConfig, *, run_name: str, storage_path: str, c
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
-
-
-def latest_checkpoint(storage_path: str, name: str) -> str | None:
-    """The newest kn_dist checkpoint folder of run `name` under `storage_path` (local, NFS, s3://, gs://).
-
-    Looks for our own files (`<name>/epoch_NNNN/state.pt`, kn_dist.worker), not for Ray Train's
-    bookkeeping, so a renamed Ray file cannot make an existing run look new.
-    """
-    import pyarrow.fs
-
-    try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-        run_dir = f"{root.rstrip('/')}/{name}"
-        if fs.get_file_info(run_dir).type == pyarrow.fs.FileType.NotFound:
-            return None
-        entries = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, recursive=False))
-        folders = {
-            e.base_name: e.path
-            for e in entries
-            if e.type == pyarrow.fs.FileType.Directory and checkpoint_epoch(e.base_name) is not None
-        }
-        files = fs.get_file_info([f"{path}/{CHECKPOINT_FILE}" for path in folders.values()])
-    except (OSError, pyarrow.ArrowException) as err:
-        raise UserError(f"checkpoint.storage_path {storage_path!r} cannot be read: {err}") from None
-    complete = [base for base, f in zip(folders, files, strict=True) if f.type == pyarrow.fs.FileType.File]
-    if not complete:
-        return None
-    newest = max(complete, key=checkpoint_epoch)
-    return f"{storage_path.rstrip('/')}/{name}/{newest}"
 
 
 def has_checkpoint(storage_path: str, name: str) -> bool:

@@ -1,116 +1,31 @@
 """`kn-dist tune`: a sweep (kn_dist.sweep) on Ray Tune, every trial one MLflow child of the sweep's run.
 
-Three tiers as in the Ray docs (train_tune_interop): Tuner -> a trial function -> the per-worker loop
-(kn_dist.worker). A trial with one worker runs the loop in its own Tune actor (no worker group: the
-controller, worker actors and their start-up are not needed for one process); a trial with several
-workers is a driver function that builds and fits the TorchTrainer of kn_dist.trainer. The deprecated
-`Tuner(trainer)` form is not used (Ray Train V2, DESIGN.md §6).
+A sweep runs in *passes*: each pass is one Tuner whose searcher (kn_dist.tune_search) hands out the
+segments that kn_dist.sweep_progress decides from what the trials have recorded in MLflow. A sweep that
+was killed, or whose trial failed, continues with `--resume` as a new pass: finished epochs are kept,
+unfinished trials continue from their checkpoints, and no decision depends on Tune's saved state. The
+trials themselves are kn_dist.tune_trial's.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kn_dist import ray_compat, tracking
-from kn_dist.config import ExperimentConfig, ScalingConfig
+from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.prepare import prepare_config
 from kn_dist.runtime import init_ray, say
 from kn_dist.sweep import Sweep, load_sweep, trial_plan, validate_sweep
+from kn_dist.sweep_progress import SweepProgress, TrialKey
 from kn_dist.tune_search import make_searcher
-from kn_dist.worker import LoopConfig, train_loop
+from kn_dist.tune_trial import TRIAL_KEY_TAG, loop_trainable, sweep_trial_loop
 
-# ---------------------------------------------------------------------------------------------------
-# the trial
-
-
-class TuneSession:
-    """kn_dist.worker's Session inside a Tune trial's own process: one worker, `ray.tune.report`."""
-
-    world_rank, world_size = 0, 1
-    in_driver = False
-
-    def __init__(self, use_gpu: bool) -> None:
-        import ray
-        import torch
-
-        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-        self.node_id = ray.get_runtime_context().get_node_id()
-
-    def latest_checkpoint(self) -> Any | None:
-        import ray.tune
-
-        return ray.tune.get_checkpoint()
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, dir_name: str | None) -> None:
-        import ray.tune
-
-        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=checkpoint)
-
-
-def sweep_trial_loop(trial: dict[str, Any], trial_id: str, *, sweep: Sweep, parent_run_id: str) -> LoopConfig:
-    """The loop of one sweep trial: the cell's and sampled values on the base config, its own seed."""
-    values = {k: v for k, v in trial.items() if k != "seed"}
-    cfg = sweep.trial_config(values, seed=trial["seed"], name=f"{sweep.name}-{trial_id}")
-    return LoopConfig(
-        config=cfg,
-        run_key=trial_id,
-        kind="trial",
-        mlflow_parent_run_id=parent_run_id,
-        trial_id=trial_id,
-        sweep=sweep.name,
-    )
-
-
-MakeLoop = Callable[[dict[str, Any], str], LoopConfig]  # (Tune trial config, trial id) -> the loop to run
-
-
-def run_trial_in_process(trial: dict[str, Any], *, make_loop: MakeLoop) -> None:
-    """Tune trainable for one-worker trials: the loop itself, in the trial's actor."""
-    import ray.tune
-
-    loop = make_loop(trial, ray.tune.get_context().get_trial_id())
-    train_loop(loop, TuneSession(loop.config.scaling.use_gpu))
-
-
-def run_trial_on_worker_group(trial: dict[str, Any], *, make_loop: MakeLoop, storage: str) -> None:
-    """Tune trainable for multi-worker trials: a driver function that fits one TorchTrainer.
-
-    Trial ids come from ray.tune.get_context() (ray.train.get_context() raises here, DESIGN.md §7);
-    metrics reach Tune through TuneReportCallback.
-    """
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from kn_dist.trainer import build_torch_trainer
-
-    loop = make_loop(trial, ray.tune.get_context().get_trial_id())
-    # A stable run name per trial: a restarted trial resumes from its own checkpoints.
-    trainer = build_torch_trainer(
-        loop, run_name=loop.config.name, storage_path=storage, callbacks=[TuneReportCallback()]
-    )
-    trainer.fit()
-
-
-def loop_trainable(make_loop: MakeLoop, scaling: ScalingConfig, storage: str) -> Any:
-    """The Tune trainable that runs `make_loop`'s loops with `scaling`: in the trial's process for one
-    worker, as a TorchTrainer (its checkpoints under `storage`) for several."""
-    from ray import tune
-
-    if scaling.num_workers == 1:
-        trainable = tune.with_parameters(run_trial_in_process, make_loop=make_loop)
-        return tune.with_resources(
-            trainable, {"cpu": scaling.cpus_per_worker, "gpu": scaling.gpus_per_worker if scaling.use_gpu else 0}
-        )
-    trainable = tune.with_parameters(run_trial_on_worker_group, make_loop=make_loop, storage=storage)
-    # The driver function only waits on its TorchTrainer; the workers hold the CPUs/GPUs. An all-zero
-    # request is refused, so the driver asks for one byte of memory.
-    return tune.with_resources(trainable, {"cpu": 0, "memory": 1})
-
+PASSES_TAG = "kn_dist.passes"  # Tuner runs a sweep took (each one a pass; kn_dist.sweep_progress)
+STOPPED_TAG = tracking.STOPPED_TAG
 
 # ---------------------------------------------------------------------------------------------------
 # concurrency, scheduler, MLflow parent run
@@ -155,10 +70,11 @@ def _describe(resources: dict[str, float]) -> str:
 
 
 def _scheduler(sweep: Sweep) -> Any:
+    """Tune's scheduler: ASHA for `asha`; FIFO otherwise (`halving` decides in the searcher, per cell)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sched = sweep.tune.scheduler
-    if sched.name == "fifo":
+    if sched.name != "asha":
         return FIFOScheduler()
     # A trial's last epoch logs its artifacts before its last report (kn_dist.worker), so ASHA may stop
     # every trial at max_t as it does.
@@ -170,21 +86,45 @@ def _scheduler(sweep: Sweep) -> Any:
     )
 
 
-def _parent_run(sweep: Sweep, *, resume: bool, parent_run_id: str | None = None) -> str:
-    """The sweep's MLflow parent run, created here on the driver (Ray's MLflowLoggerCallback would make
-    flat runs, DESIGN.md §7); trials nest under it. `resume` reuses the sweep's existing parent;
-    `parent_run_id` nests the sweep itself under a study run."""
+def _parent_run(sweep: Sweep, run_id: str | None, parent_run_id: str | None) -> str:
+    """The sweep's MLflow parent run (`run_id` if it exists), created here on the driver (Ray's
+    MLflowLoggerCallback would make flat runs, DESIGN.md §7); trials nest under it. `parent_run_id` nests
+    the sweep itself under a study run."""
     client, experiment = tracking.client(sweep.base.tracking.uri), sweep.base.tracking.experiment
-    run_key = f"sweep:{sweep.name}"
-    run_id = tracking.find_run(client, experiment, run_key) if resume else None
     if run_id is not None:
         tracking.mark_running(client, run_id)
         return run_id
+    run_key = f"sweep:{sweep.name}"
     tags = tracking.run_tags(sweep.base, run_key=run_key, kind="sweep", sweep=sweep.name, parent_run_id=parent_run_id)
     run_id = tracking.create_run(client, experiment, sweep.base, tags)
     # `tune.*` params beside the base config's; report.py reads target_top1
     tracking.log_text_params(client, run_id, {f"tune.{k}": v for k, v in sweep.tune.model_dump(mode="json").items()})
     return run_id
+
+
+def read_progress(sweep: Sweep, client: Any, sweep_run_id: str) -> tuple[SweepProgress, dict[tuple[int, int], Any]]:
+    """The sweep's progress as its trials recorded it in MLflow, and (optuna) the values they were given."""
+    progress, values = SweepProgress(sweep), {}
+    for run in tracking.child_runs(client, sweep.base.tracking.experiment, sweep_run_id):
+        name = run.data.tags.get(TRIAL_KEY_TAG)
+        if run.data.tags.get("kn_dist.kind") != "trial" or name is None:
+            continue
+        key = TrialKey.parse(name)
+        for metric in client.get_metric_history(run.info.run_id, sweep.tune.metric):
+            progress.record(key, metric.step, metric.value)
+        if sweep.tune.scheduler.name == "asha" and run.data.tags.get(STOPPED_TAG) == "true":
+            progress.stopped.add(key)
+        if sweep.tune.search == "optuna":  # random draws are recomputed (kn_dist.sweep.sample_values)
+            values[key.candidate] = {k: _param_value(run.data.params[k]) for k in sweep.cells[key.cell].space}
+    return progress, values
+
+
+def _param_value(text: str) -> Any:
+    """An MLflow param (str() of a config value) as the value, as kn_dist.report.run_config reads params."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def storage_join(root: str, *parts: str) -> str:
@@ -222,63 +162,77 @@ def open_sweep(
     return sweep
 
 
-def sweep_dir(sweep: Sweep) -> str:
-    return storage_join(sweep.base.checkpoint.storage_path, sweep.name)
-
-
 def fit_sweep(sweep: Sweep, *, resume: bool, parent_run_id: str | None = None) -> Any:
-    """Run (or restore) the Tuner of an opened sweep with Ray already up; returns Ray Tune's ResultGrid."""
+    """Run one pass of an opened sweep with Ray already up (kn_dist.sweep_progress decides its segments);
+    returns Ray Tune's ResultGrid of the pass, or None when the records show nothing left to train.
+
+    `resume` continues the sweep recorded in MLflow; a study (`parent_run_id`) always continues its own.
+    A trial that still fails after checkpoint.max_failures retries ends the pass with a UserError once
+    every other trial that can run has run: `--resume` retries it.
+    """
     import ray
     from ray import tune
 
-    experiment_dir = sweep_dir(sweep)
-    restorable = tune.Tuner.can_restore(experiment_dir)
-    if resume and not restorable:
-        raise UserError(f"--resume: no interrupted sweep {sweep.name!r} at {experiment_dir}")
-    if not resume and restorable:
+    base = sweep.base
+    client, experiment = tracking.client(base.tracking.uri), base.tracking.experiment
+    existing = tracking.find_run(client, experiment, f"sweep:{sweep.name}")
+    if parent_run_id is None and resume and existing is None:
+        raise UserError(f"--resume: no sweep {sweep.name!r} in MLflow experiment {experiment!r} at {base.tracking.uri}")
+    if parent_run_id is None and not resume and existing is not None:
         raise UserError(
-            f"sweep {sweep.name!r} already exists at {experiment_dir}; pass --resume to continue it, "
-            "or give it another name (name=...)"
+            f"sweep {sweep.name!r} already exists in MLflow experiment {experiment!r}; pass --resume to continue "
+            "it, or give it another name (name=...)"
         )
-    # Inside a study the sweep's run is reused whenever it exists (a study killed before Tune saved its state).
-    sweep_run_id = _parent_run(sweep, resume=resume or parent_run_id is not None, parent_run_id=parent_run_id)
+    sweep_run_id = _parent_run(sweep, existing, parent_run_id)
+    progress, values = read_progress(sweep, client, sweep_run_id)
+    if progress.finished():
+        close_tune_runs(base, sweep_run_id, progress, ok=True)
+        return None
+    passes = int(client.get_run(sweep_run_id).data.tags.get(PASSES_TAG, "0")) + 1
+    client.set_tag(sweep_run_id, PASSES_TAG, str(passes))
     limit, source = concurrency_limit(sweep, ray.cluster_resources(), ray_compat.autoscaler_max_resources())
+    rungs = ", ".join(map(str, progress.rungs))
     say(
-        f"{'resuming' if resume else 'starting'} sweep {sweep.name!r}: {len(trial_plan(sweep))} trials over "
-        f"{len(sweep.cells)} cells, up to {limit} at once ({source}); MLflow parent run {sweep_run_id} in "
-        f"experiment {sweep.base.tracking.experiment!r} at {sweep.base.tracking.uri}"
+        f"{'continuing' if passes > 1 else 'starting'} sweep {sweep.name!r} (pass {passes}): "
+        f"{len(trial_plan(sweep))} trials over {len(sweep.cells)} cells, {sweep.tune.scheduler.name} "
+        f"(rungs at epochs {rungs}), up to {limit} at once ({source}); MLflow parent run {sweep_run_id} in "
+        f"experiment {experiment!r} at {base.tracking.uri}"
     )
-    if sweep.base.scaling.num_workers > 1:
+    if base.scaling.num_workers > 1:
         ray_compat.start_autoscaling_coordinator()  # TorchTrainer trials: ready before their controllers ask
     make_loop = functools.partial(sweep_trial_loop, sweep=sweep, parent_run_id=sweep_run_id)
     trainable = loop_trainable(
-        make_loop, sweep.base.scaling, storage_join(sweep.base.checkpoint.storage_path, f"{sweep.name}-trials")
+        make_loop, base.scaling, storage_join(base.checkpoint.storage_path, f"{sweep.name}-trials")
     )
-    if resume:
-        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric=sweep.tune.metric,
-                mode=sweep.tune.mode,
-                search_alg=make_searcher(sweep),
-                scheduler=_scheduler(sweep),
-                num_samples=len(trial_plan(sweep)),
-                max_concurrent_trials=limit,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune_run_config(sweep.name, sweep.base),
-        )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=sweep.tune.metric,
+            mode=sweep.tune.mode,
+            search_alg=make_searcher(sweep, progress, values),
+            scheduler=_scheduler(sweep),
+            num_samples=-1,  # the searcher says when the sweep is done
+            max_concurrent_trials=limit,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune_run_config(f"{sweep.name}-pass{passes}", base),
+    )
     try:
         results = tuner.fit()
     except BaseException:
         # The sweep's own error is what the user must see: a failing MLflow store may not replace it.
-        close_tune_runs(sweep.base, sweep_run_id, set(), ok=False, quiet=True)
+        close_tune_runs(base, sweep_run_id, progress, ok=False, quiet=True)
         raise
-    failed = {trial_key(r) for r in results if r.error is not None}
-    close_tune_runs(sweep.base, sweep_run_id, failed, ok=not results.errors)
-    say(f"sweep {sweep.name!r} done: {len(results)} trials, {len(results.errors)} failed")
+    close_tune_runs(base, sweep_run_id, progress, ok=not progress.failed)
+    say(f"sweep {sweep.name!r} pass {passes} done: {len(results)} segments, {len(progress.failed)} failed")
+    if progress.failed:
+        names = ", ".join(k.name for k in sorted(progress.failed))
+        raise UserError(
+            f"sweep {sweep.name!r}: trial(s) {names} failed after checkpoint.max_failures="
+            f"{base.checkpoint.max_failures} retries, so their cells cannot finish with equal budgets; fix the "
+            f"cause (Tune's trial logs under {storage_join(base.checkpoint.storage_path, sweep.name)}-pass{passes}) "
+            "and run the same command with --resume: every finished epoch is kept"
+        )
     return results
 
 
@@ -296,17 +250,18 @@ def tune_run_config(name: str, base: ExperimentConfig) -> Any:
     )
 
 
-def trial_key(result: Any) -> str:
-    """The MLflow run key of a Tune result's trial (kn_dist trials are keyed by their trial id)."""
-    return str(result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"))
-
-
-def close_tune_runs(base: ExperimentConfig, parent_run_id: str, failed: set[str], *, ok: bool, quiet: bool = False):
-    """End the children a Tune run left RUNNING (FAILED where errored, KILLED where stopped early) and the
-    parent. `quiet`: while another error propagates, an MLflow failure here is one line, not a new error."""
+def close_tune_runs(
+    base: ExperimentConfig, parent_run_id: str, progress: SweepProgress, *, ok: bool, quiet: bool = False
+) -> None:
+    """End the trial runs a pass left RUNNING: FAILED where the trial failed, KILLED and tagged
+    kn_dist.stopped_early where it will train no further, KILLED (resumable) otherwise; then the parent.
+    `quiet`: while another error propagates, an MLflow failure here is one line, not a new error."""
+    sweep = progress.sweep.name
     try:
         client = tracking.client(base.tracking.uri)
-        tracking.close_children(client, base.tracking.experiment, parent_run_id, failed)
+        failed = {f"trial:{sweep}:{k.name}" for k in progress.failed}
+        stopped = {f"trial:{sweep}:{k.name}" for k in progress.stopped_trials()}
+        tracking.close_children(client, base.tracking.experiment, parent_run_id, failed, stopped)
         tracking.finish(client, parent_run_id, ok=ok)
     except Exception as err:
         if not quiet:

@@ -16,7 +16,6 @@ after it.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import tempfile
 import time
@@ -25,7 +24,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kn_dist import data, engine, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.models import create_model
+from kn_dist.rank_state import broadcast_flag, gather_objects, rng_state, seed_all, set_rng_state
 from kn_dist.runtime import PROGRESS_PREFIX, TIMELINE_TAG, keep_freed_cpu_memory, mark, restart_timeline, timeline_json
 
 CHECKPOINT_FILE = "state.pt"
@@ -160,13 +159,24 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     rank, world, device = session.world_rank, session.world_size, session.device
     _configure_torch(cfg, device)
     run = _build(cfg, rank, world, device, evaluate_test=loop.evaluate_test)
-    start_epoch, run_id = _restore(session.latest_checkpoint(), run, cfg, rank, world, loop.mlflow_run_id)
+    start_epoch, run_id, restored_report = _restore(
+        session.latest_checkpoint(), run, cfg, rank, world, loop.mlflow_run_id
+    )
     tracker = _open_mlflow_run(loop, run_id, run.num_params) if rank == 0 else None
     if tracker is not None:
         tracking.append_tag(tracker.client, tracker.run_id, NODES_TAG, session.node_id)
         if start_epoch > 1:
             tracker.record_resume(start_epoch - 1)
     last = min(loop.stop_after_epoch or cfg.epochs, cfg.epochs)
+    if start_epoch > last:
+        # Restarted after its last epoch was checkpointed (killed before the caller saw the end): finish the
+        # MLflow run if that was still to do, and hand the caller that epoch's result again.
+        if tracker is not None and start_epoch > cfg.epochs:
+            tracker.finish_once(cfg, run.net.state_dict())
+        session.report(restored_report, None, None)
+        return
+    # A final opens the test split once: a restart after its test was logged does not evaluate it again.
+    test_open = loop.evaluate_test and not broadcast_flag(tracker is not None and tracker.test_logged(), world)
     begin = time.perf_counter()
     for epoch in range(start_epoch, last + 1):
         drill = loop.fail_after_epoch is not None and epoch == loop.fail_after_epoch + 1 and start_epoch == 1
@@ -178,7 +188,7 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
                 tracker.client.set_tag(tracker.run_id, TIMELINE_TAG.format(role="rank0"), timeline_json())
             print(_format_progress(epoch, cfg.epochs, metrics, time.perf_counter() - begin, epoch - start_epoch + 1))
         finished = epoch == cfg.epochs
-        if finished and loop.evaluate_test:
+        if finished and test_open:
             test = engine.evaluate(
                 run.evaluated,
                 run.loaders["test"],
@@ -209,7 +219,7 @@ def _configure_torch(cfg: ExperimentConfig, device: torch.device) -> None:
 
 def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *, evaluate_test: bool) -> _Run:
     """Model (same seed on every rank; DDP also broadcasts rank 0's weights), loaders, optimizer, schedule."""
-    _seed(cfg.seed)
+    seed_all(cfg.seed)
     model = create_model(cfg.model.name, norm=cfg.model.norm, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
     num_params = sum(p.numel() for p in model.parameters())
     mark("model_built")
@@ -229,7 +239,7 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     # Validation runs on the unwrapped module: ranks may have different numbers of val batches (the
     # val shards are not padded) and DDP's forward can issue collectives.
     evaluated = torch.compile(net) if cfg.compile else net
-    _seed(cfg.seed + 1000 * rank)  # a per-rank stream: dropout masks differ between ranks
+    seed_all(cfg.seed + 1000 * rank)  # a per-rank stream: dropout masks differ between ranks
 
     # FFCV shards itself (distributed=True); built once per worker, after the process group exists.
     loaders = {
@@ -247,8 +257,8 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
 
 
 def _restore(checkpoint: Any | None, run: _Run, cfg: ExperimentConfig, rank: int, world: int, run_id: str | None):
-    """(first epoch to train, MLflow run id) after loading `checkpoint` into the run's objects."""
-    start_epoch = 1
+    """(first epoch to train, MLflow run id, the checkpointed epoch's report) after loading `checkpoint`."""
+    start_epoch, report = 1, {}
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
@@ -256,19 +266,20 @@ def _restore(checkpoint: Any | None, run: _Run, cfg: ExperimentConfig, rank: int
         run.optimizer.load_state_dict(state["optimizer"])
         run.scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
+        report = state.get("report", {"epoch": state["epoch"]})
         # The schedule's position is kept in epochs: with another world size an epoch has another number
         # of steps, and a position in steps would shift the schedule (issue 12, item 5).
         engine.set_schedule_position(run.scheduler, state["epoch"] * run.steps_per_epoch)
         run_id = state["mlflow_run_id"] or run_id
         if len(state["rng"]) == world:
-            _set_rng_state(state["rng"][rank])
+            set_rng_state(state["rng"][rank])
         else:  # the world size changed: a fresh but reproducible stream
-            _seed(cfg.seed + 1000 * rank + start_epoch)
+            seed_all(cfg.seed + 1000 * rank + start_epoch)
     # FFCV derives each epoch's order (and kn_dist its augmentation) from seed + epoch: continue there.
     for loader in run.loaders.values():
         if hasattr(loader, "next_epoch"):
             loader.next_epoch = start_epoch - 1
-    return start_epoch, run_id
+    return start_epoch, run_id, report
 
 
 class _Tracker:
@@ -289,9 +300,16 @@ class _Tracker:
     def log_test(self, epoch: int, test: dict[str, float]) -> None:
         tracking.log_epoch(self.client, self.run_id, epoch, {"test_loss": test["loss"], "test_top1": test["top1"]})
 
+    def test_logged(self) -> bool:
+        return bool(tracking.logged_epochs(self.client, self.run_id, "test_top1"))
+
     def finish(self, cfg: ExperimentConfig, state_dict: dict[str, Any]) -> None:
         tracking.log_final(self.client, self.run_id, cfg, state_dict)
         tracking.finish(self.client, self.run_id)
+
+    def finish_once(self, cfg: ExperimentConfig, state_dict: dict[str, Any]) -> None:
+        if self.client.get_run(self.run_id).info.status != "FINISHED":
+            self.finish(cfg, state_dict)
 
 
 def _open_mlflow_run(loop: LoopConfig, run_id: str | None, num_params: int) -> _Tracker:
@@ -358,7 +376,7 @@ def _train_and_validate(
 
 
 def _save_and_report(session: Session, report: dict[str, Any], run: _Run, epoch: int, run_id: str | None) -> None:
-    rng = _gather(_rng_state(), session.world_size)  # collective: every rank takes part
+    rng = gather_objects(rng_state(), session.world_size)  # collective: every rank takes part
     with tempfile.TemporaryDirectory() as folder:
         saved = None
         if session.world_rank == 0:
@@ -368,6 +386,7 @@ def _save_and_report(session: Session, report: dict[str, Any], run: _Run, epoch:
                 "scheduler": run.scheduler.state_dict(),
                 "scaler": run.scaler.state_dict(),
                 "epoch": epoch,
+                "report": report,  # handed back if the run restarts with nothing left to train
                 "rng": rng,
                 "mlflow_run_id": run_id,
             }
@@ -378,36 +397,6 @@ def _save_and_report(session: Session, report: dict[str, Any], run: _Run, epoch:
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    """Every rank's `obj` on every rank (RNG states must be saved for all ranks, not only rank 0)."""
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _format_progress(epoch: int, epochs: int, m: dict[str, float], elapsed: float, done: int) -> str:

@@ -49,9 +49,9 @@ def _tier(module: str) -> int | None:
     head = parts[1]
     if head == "in_process":  # the trainer's one-worker path, below trainer.py itself
         head = "trainer"
-    if head in ("tune", "tune_search"):
+    if head in ("tune", "tune_search", "tune_trial"):
         head = "tune"
-    if head in ("study", "study_report"):
+    if head in ("study", "study_report", "study_selection"):
         head = "study"
     return TIERS.index(head) if head in TIERS else None
 

@@ -1,10 +1,14 @@
-"""`kn-dist study` end to end on digits under a real local Ray, killed mid-sweep and resumed.
+"""`kn-dist study` end to end on digits under a real local Ray: killed mid-sweep, resumed, killed during
+the finals, resumed with more seeds.
 
-One small study (ConvMixer-256/8, bn vs kn, 2 trials per cell, 2 seeds) runs in a subprocess, is killed
-with SIGKILL once one trial has finished and another is mid-run with a checkpoint, and is finished with
-`--resume`. Everything asserted is read back through MLflow's own client: the nesting of runs, which
-runs hold test metrics, the selection (recomputed here from the trials' val histories), the finals per
-cell and seed, and the report on the study run. The statistics are checked in tests/test_stats.py.
+One small study (ConvMixer-256/8, bn vs kn, 3 configurations per cell under successive halving per cell:
+all three to epoch 1, the best to epoch 4; 2 seeds) runs in a subprocess. It is killed with SIGKILL while
+a promoted trial is mid-way with a checkpoint, resumed, killed again once one final has finished and
+another is mid-way with a checkpoint, and finished with `--resume study.seeds=3`. Everything asserted is
+read back through MLflow's own client: the halving rule and equal full-budget counts, paired draws and
+seeds, that no final replays a trial, that each final opened test exactly once, and the answer on the
+study run. The statistics are checked in tests/test_stats.py, the rules one by one in
+tests/test_study_selection.py and tests/test_sweep_progress.py.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from mlflow import MlflowClient
 
 from kn_dist.cli import main
 
+EPOCHS = 4
 STUDY = {
     "name": "st",
-    "epochs": 5,  # the kill point needs a trial still running 1.5-2.5 s after a checkpoint: 3 epochs of ~1 s raced
+    "epochs": EPOCHS,
     "data": {
         "dataset": "digits",
         "root": "data16",
@@ -39,9 +44,9 @@ STUDY = {
     "checkpoint": {"storage_path": "runs"},
     "tracking": {"experiment": "st"},
     "tune": {
-        "num_samples": 2,
-        "scheduler": {"name": "fifo"},
-        "space": {"optim.lr": {"loguniform": [0.001, 0.006]}},
+        "num_samples": 3,
+        "scheduler": {"name": "halving", "grace_period": 1, "reduction_factor": 3},
+        "space": {"optim.lr": {"loguniform": [0.0005, 0.006]}},
         "architectures": [
             {
                 "model": "convmixer_256_8",
@@ -65,46 +70,41 @@ def _runs(client: MlflowClient, kind: str) -> list:
     return client.search_runs([exp.experiment_id], f"tags.`kn_dist.kind` = '{kind}'") if exp else []
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    work = tmp_path_factory.mktemp("study")
-    (work / "study.yaml").write_text(yaml.safe_dump(STUDY))
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    # Tune saves its experiment state (which checkpoint each trial has) every second, not every ~10 s.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    args = ("study", "study.yaml", "--tracking-uri", uri, "--address", "local")
-    log = (work / "first.log").open("w")
-    # Its own process group: the kill takes the local Ray it started with it.
+def _history(client: MlflowClient, run, key: str = "val_top1") -> dict[int, tuple[float, int]]:
+    return {m.step: (m.value, m.timestamp) for m in client.get_metric_history(run.info.run_id, key)}
+
+
+def _checkpointed_and_running(client: MlflowClient, runs: list, folder: Path) -> bool:
+    """A run still RUNNING whose newest complete checkpoint on disk leaves it at least two epochs to train
+    (a promoted trial: past its first rung), so the kill lands mid-run, not during its last epoch."""
+    for run in runs:
+        if run.info.status != "RUNNING":
+            continue
+        done = [
+            int(p.parent.name.removeprefix("epoch_")) for p in (folder / run.info.run_name).glob("epoch_*/state.pt")
+        ]
+        first = 1 if run.data.tags.get("kn_dist.kind") == "final" else 2
+        if done and first <= max(done) <= EPOCHS - 2:
+            return True
+    return False
+
+
+def _run_until(args, work: Path, env, client: MlflowClient, ready, log_name: str) -> dict:
+    """Start the study, SIGKILL its process group once `ready()` holds; a snapshot of every run's epochs."""
+    log = (work / log_name).open("w")
     driver = subprocess.Popen(
         _cli(*args), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    client, deadline, snapshot = MlflowClient(uri), time.monotonic() + 420, None
+    )  # its own process group: the kill takes the local Ray it started with it
+    deadline, snapshot = time.monotonic() + 900, None
     try:
         while snapshot is None and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.25)
-            trials = _runs(client, "trial") if (work / "mlflow.db").exists() else []
-            done = [r for r in trials if r.info.status == "FINISHED"]
-            # A trial counts as resumable once Tune's experiment state was saved after its first checkpoint.
-            states = list((work / "runs" / "st").glob("experiment_state-*.json"))
-            saved_at = max((p.stat().st_mtime for p in states), default=0.0)
-            checkpointed = [
-                r
-                for r in trials
-                if r.info.status == "RUNNING"
-                and "val_top1" in r.data.metrics
-                and any(
-                    c.stat().st_mtime + 1.5 < saved_at  # the report that registers it comes just after
-                    for c in (work / "runs" / "st").glob(f"trial_{r.data.tags['kn_dist.trial_id']}/checkpoint_*")
-                )
-            ]
-            if done and checkpointed:
+            if (work / "mlflow.db").exists() and ready():
                 os.killpg(driver.pid, signal.SIGKILL)
                 snapshot = {
-                    r.info.run_id: (
-                        r.info.status,
-                        {m.step: m.timestamp for m in client.get_metric_history(r.info.run_id, "val_top1")},
-                    )
-                    for r in _runs(client, "trial")
+                    r.info.run_id: (r.info.status, _history(client, r), _history(client, r, "test_top1"))
+                    for kind in ("trial", "final")
+                    for r in _runs(client, kind)
                 }
     finally:
         if driver.poll() is None:
@@ -112,75 +112,147 @@ def study(tmp_path_factory):
         driver.wait()
         log.close()
     assert snapshot is not None, (
-        f"the study ended or stalled before the kill point: {(work / 'first.log').read_text()[-3000:]}"
+        f"the study ended or stalled before the kill point: {(work / log_name).read_text()[-3000:]}"
     )
     time.sleep(2)
-    resumed = subprocess.run(_cli(*args, "--resume"), cwd=work, env=env, capture_output=True, text=True, timeout=480)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("study")
+    (work / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ("study", "study.yaml", "--tracking-uri", uri, "--address", "local")
+    client = MlflowClient(uri)
+    in_sweep = _run_until(
+        args,
+        work,
+        env,
+        client,
+        lambda: _checkpointed_and_running(client, _runs(client, "trial"), work / "runs" / "st-trials"),
+        "first.log",
+    )
+    in_finals = _run_until(
+        (*args, "--resume"),
+        work,
+        env,
+        client,
+        lambda: (
+            any(r.info.status == "FINISHED" for r in _runs(client, "final"))
+            and _checkpointed_and_running(client, _runs(client, "final"), work / "runs" / "st-finals-runs")
+        ),
+        "second.log",
+    )
+    resumed = subprocess.run(
+        _cli(*args, "--resume", "study.seeds=3"), cwd=work, env=env, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return {"work": work, "uri": uri, "client": client, "snapshot": snapshot, "out": resumed.stdout}
+    return {"client": client, "in_sweep": in_sweep, "in_finals": in_finals, "out": resumed.stdout}
+
+
+def _cell(run) -> str:
+    return f"{run.data.tags['kn_dist.model']}/{run.data.tags['kn_dist.norm']}"
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_runs_nest_under_one_study_run_and_only_finals_open_test(study):
+def test_runs_nest_under_one_study_run_and_only_finals_open_test_once(study):
     client = study["client"]
     (study_run,) = _runs(client, "study")
     (sweep_run,) = _runs(client, "sweep")
     assert study_run.info.status == "FINISHED" and sweep_run.info.status == "FINISHED"
     assert sweep_run.data.tags["mlflow.parentRunId"] == study_run.info.run_id
     trials, finals = _runs(client, "trial"), _runs(client, "final")
-    assert len(trials) == 4 and {t.data.tags["mlflow.parentRunId"] for t in trials} == {sweep_run.info.run_id}
+    assert len(trials) == 6 and {t.data.tags["mlflow.parentRunId"] for t in trials} == {sweep_run.info.run_id}
     for trial in trials:
         assert not any(k.startswith("test_") for k in trial.data.metrics), "a sweep trial opened the test split"
-    assert len(finals) == 4 and {f.data.tags["mlflow.parentRunId"] for f in finals} == {study_run.info.run_id}
-    assert {(f.data.tags["kn_dist.cell"], f.data.tags["kn_dist.seed"]) for f in finals} == {
-        (c, s) for c in CELLS for s in ("0", "1")
-    }
+    # seeds 0 and 1 from the first start, seed 2 added by the last resume: each (cell, seed) once
+    assert sorted((f.data.tags["kn_dist.cell"], f.data.tags["kn_dist.seed"]) for f in finals) == sorted(
+        (c, s) for c in CELLS for s in ("0", "1", "2")
+    )
     for final in finals:
         assert final.info.status == "FINISHED" and 0.0 <= final.data.metrics["test_top1"] <= 1.0
-        assert [m.step for m in client.get_metric_history(final.info.run_id, "test_top1")] == [STUDY["epochs"]]
+        assert list(_history(client, final, "test_top1")) == [EPOCHS], "test opened more than once"
+        assert sorted(_history(client, final)) == list(range(1, EPOCHS + 1))
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_the_kill_lost_and_duplicated_nothing(study):
-    client, snapshot = study["client"], study["snapshot"]
-    resumed_any = False
-    for trial in _runs(client, "trial"):
-        history = client.get_metric_history(trial.info.run_id, "val_top1")
-        assert sorted(m.step for m in history) == list(range(1, STUDY["epochs"] + 1)), (
-            "an epoch was lost or logged twice"
-        )
-        status, before = snapshot.get(trial.info.run_id, (None, {}))
-        after = {m.step: m.timestamp for m in history}
-        assert all(after[step] == stamp for step, stamp in before.items()), "an epoch logged before the kill was redone"
-        if status == "RUNNING" and before:
-            resumed_from = trial.data.tags.get("kn_dist.resumed_from")
-            # The checkpoint written before the kill is the one resumed (a restart from scratch has no tag).
-            assert resumed_from is None or int(resumed_from) <= max(before)
-            resumed_any |= resumed_from is not None
-    assert resumed_any, "no interrupted trial continued from its checkpoint"
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_selection_is_the_best_full_budget_trial_on_val_and_finals_retrain_it(study):
+def test_the_kills_lost_and_duplicated_nothing(study):
     client = study["client"]
-    best: dict[str, tuple[float, str]] = {}
-    # The documented rule: the best val score at the last epoch; a tie goes to the trial that started first.
-    for trial in sorted(_runs(client, "trial"), key=lambda r: r.info.start_time):
-        cell = f"{trial.data.tags['kn_dist.model']}/{trial.data.tags['kn_dist.norm']}"
-        history = {m.step: m.value for m in client.get_metric_history(trial.info.run_id, "val_top1")}
-        score = history[STUDY["epochs"]]
-        if cell not in best or score > best[cell][0]:
-            best[cell] = (score, trial.info.run_id)
-    assert set(best) == CELLS
+    resumed_any = {"trial": False, "final": False}
+    for snapshot, kind in ((study["in_sweep"], "trial"), (study["in_finals"], "final")):
+        for run in _runs(client, kind):
+            status, before, test_before = snapshot.get(run.info.run_id, (None, {}, {}))
+            after, test_after = _history(client, run), _history(client, run, "test_top1")
+            assert all(after[step] == value for step, value in before.items()), (
+                "an epoch logged before the kill was redone"
+            )
+            assert all(test_after[step] == value for step, value in test_before.items())
+            resumed_from = run.data.tags.get("kn_dist.resumed_from")
+            if status == "RUNNING" and resumed_from is not None:  # continued from the checkpoint saved before
+                assert int(resumed_from.split(",")[-1]) <= max(before)
+                resumed_any[kind] = True
+    assert resumed_any == {"trial": True, "final": True}, "an interrupted run did not continue from its checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_halving_gave_every_cell_the_same_budget_and_the_same_draws(study):
+    client = study["client"]
+    trials = _runs(client, "trial")
+    by_cell: dict[str, list] = {}
+    for trial in trials:
+        by_cell.setdefault(_cell(trial), []).append(trial)
+    for cell, runs in by_cell.items():
+        full = [r for r in runs if sorted(_history(client, r)) == list(range(1, EPOCHS + 1))]
+        stopped = [r for r in runs if r not in full]
+        # 3 configurations -> floor(3 / 3) = 1 survivor at epoch 1: the best val top-1 there
+        assert len(full) == 1 and len(stopped) == 2, cell
+        assert all(sorted(_history(client, r)) == [1] for r in stopped)
+        assert all(r.info.status == "KILLED" and r.data.tags.get("kn_dist.stopped_early") == "true" for r in stopped)
+        assert _history(client, full[0])[1][0] == max(_history(client, r)[1][0] for r in runs)
+    # paired: sample i of every norm has the same lr and seed; KernelNorm's own key only in its cell
+    shared = {}
+    for trial in trials:
+        sample = trial.data.tags["kn_dist.sample"]
+        shared.setdefault(sample, set()).add((trial.data.params["optim.lr"], trial.data.params["seed"]))
+        assert ("model.kwargs.kn_dropout_p" in trial.data.params) == (trial.data.tags["kn_dist.norm"] == "kn")
+    assert len(shared) == 3 and all(len(v) == 1 for v in shared.values()), shared
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_finals_retrain_the_selection_with_their_own_paired_seeds_and_never_replay_a_trial(study):
+    client = study["client"]
+    (study_run,) = _runs(client, "study")
+    trials = _runs(client, "trial")
+    full = {_cell(t): t for t in trials if EPOCHS in _history(client, t)}
+    seeds: dict[str, set] = {}
     for final in _runs(client, "final"):
-        chosen = client.get_run(best[final.data.tags["kn_dist.cell"]][1])
-        assert final.data.tags["kn_dist.selected_trial"] == chosen.data.tags["kn_dist.trial_id"]
+        chosen = full[final.data.tags["kn_dist.cell"]]
+        assert final.data.tags["kn_dist.selected_trial"] == chosen.data.tags["kn_dist.trial_key"][:-2]  # c?s?
         same = {k: v for k, v in final.data.params.items() if k not in ("seed", "name") and not k.startswith("data.")}
         assert same == {k: v for k, v in chosen.data.params.items() if k in same}
-        assert final.data.params["seed"] == final.data.tags["kn_dist.seed"]
+        seeds.setdefault(final.data.tags["kn_dist.seed"], set()).add(
+            (
+                final.data.params["seed"],
+                tuple(sorted((k, v) for k, v in final.data.params.items() if k.startswith("data."))),
+            )
+        )
+        searched = ("seed", "optim.lr", "model.kwargs.kn_dropout_p")
+        for trial in trials:
+            if _cell(trial) == final.data.tags["kn_dist.cell"]:
+                assert any(trial.data.params.get(k) != final.data.params.get(k) for k in searched), (
+                    "a final replays a trial"
+                )
+    # seed s: the same training seed and data pipeline for every norm; not a trial's seed
+    assert all(len(v) == 1 for v in seeds.values()) and len(seeds) == 3
+    trial_seeds = {t.data.params["seed"] for t in trials}
+    assert not {next(iter(v))[0] for v in seeds.values()} & trial_seeds
+    assert "kn_dist.selection" in study_run.data.tags
 
 
 @pytest.mark.slow
@@ -192,11 +264,12 @@ def test_the_study_run_holds_the_answer(study, tmp_path):
     for cell in CELLS:
         scores = [f.data.metrics["test_top1"] for f in finals if f.data.tags["kn_dist.cell"] == cell]
         key = "test_top1_mean." + cell.replace("/", ".")
-        assert study_run.data.metrics[key] == pytest.approx(sum(scores) / len(scores))
+        assert len(scores) == 3 and study_run.data.metrics[key] == pytest.approx(sum(scores) / len(scores))
     local = Path(client.download_artifacts(study_run.info.run_id, "report", str(tmp_path)))
     text = (local / "report.md").read_text()
     assert "convmixer_256_8" in text and ("beats" in text or "no difference detected" in text)
-    assert "(2 seeds" in text or ", 2 seeds)" in text
+    assert "(3 seeds" in text or ", 3 seeds)" in text
+    assert "convmixer_256_8/bn 1 of 3; convmixer_256_8/kn 1 of 3" in text
     pngs = list(local.glob("*.png"))
     assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert "report:" in study["out"] and "mlflow ui" in study["out"]
@@ -204,6 +277,8 @@ def test_the_study_run_holds_the_answer(study, tmp_path):
 
 BAD = [
     ({"study": {"seeds": 0}}, "study.seeds: seeds=0 must be at least 1"),
+    ({"tune": {**STUDY["tune"], "scheduler": {"name": "asha"}}}, "tune.scheduler asha ranks all cells together"),
+    ({"tune": {**STUDY["tune"], "search": "optuna"}}, "would not be offered the same values"),
     ({"study": {"seed": 3}}, "unknown key 'study.seed'"),
     ({"tune": {**STUDY["tune"], "architectures": [{"model": "vit_cifar", "kwargs": {"input_size": 16},
         "norms": ["kn"], "kn_space": {"model.kwargs.kn_kernel_size": {"choice": [3]}}}]}}, "cannot be built"),

@@ -5,7 +5,9 @@ CPUs back for the next trial to start. The kill-and-resume path of a sweep is te
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import yaml
 
 from kn_dist.errors import UserError
 from kn_dist.study import load_study
-from kn_dist.sweep import is_kn, load_sweep, trial_plan, validate_sweep
+from kn_dist.sweep import is_kn, load_sweep, sample_values, trial_plan, trial_seed, validate_sweep
+from kn_dist.sweep_progress import SweepProgress, TrialKey
 from kn_dist.tune import concurrency_limit
 from kn_dist.tune_search import make_searcher
 
@@ -79,31 +82,60 @@ def test_impossible_kernel_is_refused_before_any_trial(tmp_path):
     validate_sweep(sweep)
 
 
+def _finish(searcher, trial_id: str, trial: dict, value: float) -> None:
+    searcher.on_trial_complete(trial_id, {"val_top1": value, "epoch": trial["kn_dist.stop"]})
+
+
 @pytest.mark.parametrize("search", ["random", "optuna"])
-def test_searcher_samples_inside_the_space_and_restores(tmp_path, search):
+def test_searcher_samples_inside_the_space_and_continues_from_the_records(tmp_path, search):
     tune = {
         "search": search,
         "num_samples": 3,
+        "scheduler": {"name": "fifo"},
         "space": {"optim.lr": {"loguniform": [0.001, 0.1]}},
         "architectures": [{**VIT, "kn_space": {"model.kwargs.kn_dropout_p": {"choice": [0.0, 0.1]}}}],
     }
     sweep = load_sweep(_write(tmp_path, tune))
-    searcher = make_searcher(sweep)
+    progress, values = SweepProgress(sweep), {}
+    searcher = make_searcher(sweep, progress, values)
     first = [searcher.suggest(f"t{i}") for i in range(3)]
     for i, trial in enumerate(first):
-        assert 0.001 <= trial["optim.lr"] <= 0.1 and trial["seed"] == sweep.base.seed + i
+        assert 0.001 <= trial["optim.lr"] <= 0.1 and trial["kn_dist.stop"] == sweep.base.epochs
         assert ("model.kwargs.kn_dropout_p" in trial) == (trial["model.norm"] == "kn")
         assert trial["model.kwargs.kn_dropout_p"] in (0.0, 0.1) if trial["model.norm"] == "kn" else True
-        searcher.on_trial_complete(f"t{i}", {"val_top1": 0.5, "epoch": 2})
-    searcher.save(str(tmp_path / "state.pkl"))
-    rest = [searcher.suggest(f"t{i}") for i in range(3, 7)]
-    assert rest[-1] == "FINISHED" and len({r["optim.lr"] for r in first + rest[:-1]}) == 6
-    restored = make_searcher(sweep)
-    restored.restore(str(tmp_path / "state.pkl"))
-    again = [restored.suggest(f"t{i}") for i in range(3, 6)]
-    if search == "random":  # seeded per (cell, sample): the restored searcher continues identically
-        assert again == rest[:-1]
-    assert [(a["model.norm"], a["seed"]) for a in again] == [(r["model.norm"], r["seed"]) for r in rest[:-1]]
+        _finish(searcher, f"t{i}", trial, 0.5)
+    # A new pass (a resumed sweep) knows only what the trials recorded: it hands out the rest, once each.
+    later = SweepProgress(sweep)
+    for trial in first:
+        later.record(TrialKey.parse(trial["kn_dist.trial"]), sweep.base.epochs, 0.5)
+    again = make_searcher(sweep, later, dict(values))
+    rest = [again.suggest(f"u{i}") for i in range(4)]
+    assert rest[-1] is None  # three trials run, none finished: the sweep waits, it is not done
+    for i, trial in enumerate(rest[:-1]):
+        _finish(again, f"u{i}", trial, 0.4)
+    assert again.suggest("u9") == "FINISHED"
+    names = [t["kn_dist.trial"] for t in first + rest[:-1]]
+    assert sorted(names) == sorted(f"c{c}s{s}r0" for c in range(2) for s in range(3))
+    assert len({t["optim.lr"] for t in first + rest[:-1]}) == (3 if search == "random" else 6)
+
+
+def test_random_draws_are_paired_across_norms_and_kn_keys_have_their_own_stream(tmp_path):
+    arch = {**VIT, "space": {"optim.weight_decay": {"loguniform": [1e-5, 1e-3]}}}
+    tune = {"num_samples": 40, "space": {"optim.lr": {"loguniform": [0.001, 0.1]}}, "architectures": [arch]}
+    plain = load_sweep(_write(tmp_path, tune))
+    kn_space = {"model.kwargs.kn_dropout_p": {"uniform": [0.0, 0.2]}, "model.kwargs.kn_kernel_size": {"choice": [1, 2]}}
+    with_kn = load_sweep(_write(tmp_path, {**tune, "architectures": [{**arch, "kn_space": kn_space}]}))
+    assert [c.norm for c in with_kn.cells] == ["ln", "kn"]
+    shared = ("optim.lr", "optim.weight_decay")
+    for sample in range(40):
+        ln, kn = sample_values(with_kn, 0, sample), sample_values(with_kn, 1, sample)
+        assert {k: kn[k] for k in shared} == ln == sample_values(plain, 0, sample)  # adding kn keys moved nothing
+        assert set(kn) == {*shared, *kn_space} and 0.0 <= kn["model.kwargs.kn_dropout_p"] <= 0.2
+        assert trial_seed(with_kn, sample, 0) == with_kn.base.seed + sample  # the same for every norm
+    # loguniform: log10(lr) uniform on [-3, -1]; 40 draws' mean lies within 4 standard errors of -2
+    logs = [math.log10(sample_values(plain, 0, s)["optim.lr"]) for s in range(40)]
+    assert abs(statistics.fmean(logs) + 2) < 4 * (2 / math.sqrt(12)) / math.sqrt(40)
+    assert len(set(logs)) == 40
 
 
 def test_concurrency_follows_what_the_cluster_can_grow_to(tmp_path):
