@@ -67,6 +67,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from kn_dist.summary import write_summary
+
+    write_summary(args.tracking_uri, args.out)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from kn_dist.models.summary import format_table
 
@@ -187,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment")
     p.add_argument("--out", required=True, help="output directory for report.md and PNG plots")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("summary", help="every study in the MLflow store on one page: table, forest plot, IQM")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--out", required=True, help="output directory for summary.md and forest.png")
+    p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("models", help="table of registered models: norms, parameters, FLOPs")
     p.add_argument("--family")

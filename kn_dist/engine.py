@@ -198,11 +198,13 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     channels_last: bool = False,
+    examples: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Global mean cross-entropy and top-1 over `loader` (summed over ranks).
 
     Each rank must see a disjoint shard of the validation set for the figures to count every
-    sample once; kn_dist.data's validation loader is built that way.
+    sample once; kn_dist.data's validation loader is built that way. `examples`, if given, receives this
+    rank's (correct, label) per batch on the CPU: a final's per-example test record.
     """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -214,7 +216,10 @@ def evaluate(
         with autocast(precision, device):
             logits = _logits(model(images))
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        correct += (logits.argmax(1) == labels).sum()
+        right = logits.argmax(1) == labels
+        correct += right.sum()
         seen += labels.shape[0]
+        if examples is not None:
+            examples.append((right.to("cpu", torch.int8), labels.to("cpu", torch.int16)))
     loss_total, correct_total, seen_total = _global_sums(loss_sum.item(), correct.item(), seen, device=device)
     return {"loss": loss_total / max(1, seen_total), "top1": correct_total / max(1, seen_total), "images": seen_total}

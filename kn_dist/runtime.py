@@ -124,14 +124,17 @@ def is_local_address(address: str | None) -> bool:
     return chosen in (None, "", "local")
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> bool:
+def init_ray(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False, worker_output: bool = True
+) -> bool:
     """Start a local Ray (no address and no RAY_ADDRESS, or "local") or join a cluster; False if Ray was up.
 
     A local Ray starts its dashboard only when asked (it costs a process and start-up time): sweeps whose
     trials are TorchTrainers need it, because Ray Train's placement-group cleaner asks the dashboard's
     state API whether a stopped trial's controller is gone before it frees the trial's workers. Ray's own
     log records below ERROR stay in its files. Joining a cluster ("auto", "ray://...", host:port) uses
-    the same runtime_env, so remote workers get the same settings.
+    the same runtime_env, so remote workers get the same settings. `worker_output=False` keeps the workers'
+    stdout and stderr in Ray's log files (sweeps and studies print their own lines, kn_dist.tune_console).
     """
     import ray
 
@@ -142,7 +145,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         # "local": our own Ray even when `ray start` left a cluster on this machine.
         "address": "local" if local else (address or os.environ.get("RAY_ADDRESS")),
         "logging_level": logging.ERROR,
-        "log_to_driver": True,  # our progress lines are printed by rank 0 of the workers
+        "log_to_driver": worker_output,  # `kn-dist train`: our progress lines are printed by rank 0 of the workers
         "runtime_env": ray_runtime_env(local=local),
     }
     if local:

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kn_dist import config, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.errors import UserError
 from kn_dist.runtime import init_ray, say
+from kn_dist.study_answer import SeedPolicy, seed_looks
 from kn_dist.study_selection import (
     Selected,
     check_unchanged,
@@ -45,7 +46,9 @@ from kn_dist.sweep import Sweep, load_sweep
 from kn_dist.worker import LoopConfig
 
 STUDY_TAG, CELL_TAG, SEED_TAG = "kn_dist.study", "kn_dist.cell", "kn_dist.seed"
-SEEDS_TAG = "kn_dist.study_seeds"  # the study seeds of the latest start (JSON list): they may grow on --resume
+SEEDS_TAG = "kn_dist.study_seeds"  # the study seeds of the latest look (JSON list): they may grow on --resume
+SEED_PLAN_TAG = "kn_dist.seed_plan"  # a seed policy (JSON) is fixed once the study starts; null for fixed seeds
+LOOKS_TAG = "kn_dist.seed_looks"  # planned looks: each verdict is judged at alpha / looks
 FINAL_PASSES_TAG = "kn_dist.final_passes"
 
 
@@ -54,22 +57,32 @@ class StudySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seeds: int | list[int] = 3  # ≥ 3 for an answer, 5 for a claim (DESIGN.md §8)
+    # n (seeds 0..n-1), a list, or a policy {min, max, batch}; ≥ 3 for an answer, 5 for a claim (DESIGN.md §8)
+    seeds: int | list[int] | SeedPolicy = 3
     select_epoch: Literal["last", "best"] = "last"
     final_train_on: Literal["train", "train+val"] = "train"
+    alpha: float = Field(0.05, gt=0, lt=1)  # family-wise error of the report's verdicts (Holm)
+    delta: float = Field(0.5, gt=0)  # equivalence margin in test top-1 points (TOST)
 
     @field_validator("seeds")
     @classmethod
-    def _some_seeds(cls, value: int | list[int]) -> int | list[int]:
+    def _some_seeds(cls, value: int | list[int] | SeedPolicy) -> int | list[int] | SeedPolicy:
         if isinstance(value, int) and value < 1:
             raise ValueError(f"seeds={value} must be at least 1 (3 or more for a confidence interval)")
         if isinstance(value, list) and (not value or len(set(value)) != len(value)):
             raise ValueError(f"seeds={value} must be a non-empty list of distinct seeds")
         return value
 
+    def seeds_at(self, look: int) -> list[int]:
+        """The study seeds of look `look` (0-based) of seed_looks."""
+        if isinstance(self.seeds, list):
+            return list(self.seeds)
+        return list(range(seed_looks(self.seeds)[look]))
+
     @property
     def seed_list(self) -> list[int]:
-        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+        """Every seed the study may run (a policy: up to its max)."""
+        return self.seeds_at(len(seed_looks(self.seeds)) - 1)
 
 
 @dataclass
@@ -131,12 +144,12 @@ def final_seed(base_seed: int, seed: int) -> int:
     return int(np.random.SeedSequence([FINAL_SEED_STREAM, base_seed % 2**32, seed]).generate_state(1)[0] >> 1)
 
 
-def final_loops(study: Study, selected: list[Selected], study_run_id: str) -> dict[str, LoopConfig]:
+def final_loops(study: Study, selected: list[Selected], study_run_id: str, seeds: list[int]) -> dict[str, LoopConfig]:
     """One loop per (cell, study seed), keyed by its run key: the selected config, evaluated on test at its end."""
     loops = {}
     train_path = _train_plus_val_path(study) if study.spec.final_train_on == "train+val" else None
     for choice in selected:
-        for seed in study.spec.seed_list:
+        for seed in seeds:
             raw = choice.config.model_dump(mode="json")
             raw["seed"] = final_seed(study.base.seed, seed)
             raw["name"] = f"{study.name}-final-{choice.model}-{choice.norm.replace('+', '_')}-s{seed}"
@@ -237,6 +250,35 @@ def fit_finals(study: Study, loops: dict[str, LoopConfig], study_run_id: str) ->
         )
 
 
+def run_finals(client: Any, study: Study, selected: list[Selected], study_run_id: str, sweep_run_id: str) -> list[int]:
+    """(c) the finals, look by look of the seed plan: a policy stops at the first look where every
+    comparison is decided. Returns the study seeds the answer rests on."""
+    from kn_dist.study_report import answer
+
+    looks = seed_looks(study.spec.seeds)
+    for look, count in enumerate(looks):
+        seeds = study.spec.seeds_at(look)
+        client.set_tag(study_run_id, SEEDS_TAG, json.dumps(seeds))
+        loops = final_loops(study, selected, study_run_id, seeds)
+        check_no_replay(client, study, sweep_run_id, loops)
+        todo = {k: v for k, v in loops.items() if k not in finished_finals(client, study)}
+        where = f"look {look + 1} of {len(looks)}: " if len(looks) > 1 else ""
+        say(
+            f"(c) finals, {where}{len(loops)} runs ({len(selected)} cells x {count} seeds), "
+            f"{len(todo)} to run, test once each"
+        )
+        if todo:
+            fit_finals(study, todo, study_run_id)
+        if look + 1 < len(looks):
+            comparisons = answer(client, study, study_run_id, selected, seeds)
+            undecided = [f"{c.model} {c.kn} vs {c.base}" for c in comparisons if c.verdict == "inconclusive"]
+            if not undecided:
+                say(f"(c) every comparison is decided at {count} seeds; no more seed rounds")
+                return seeds
+            say(f"(c) undecided at {count} seeds: {', '.join(undecided)}; adding seeds")
+    return seeds
+
+
 # ---------------------------------------------------------------------------------------------------
 # the protocol
 
@@ -252,15 +294,24 @@ def _study_run(study: Study, *, resume: bool) -> str:
         )
     if run_id is None and resume:
         raise UserError(f"--resume: no study {study.name!r} in MLflow experiment {experiment!r}")
+    seeds = study.spec.model_dump(mode="json")["seeds"]
+    plan = seeds if isinstance(seeds, dict) else None  # fixed seeds may grow; a policy may not change
     if run_id is not None:
         check_unchanged(client, study, run_id)
+        pinned = client.get_run(run_id).data.tags.get(SEED_PLAN_TAG)
+        if pinned is not None and json.loads(pinned) != plan:
+            raise UserError(
+                f"study {study.name!r}: study.seeds {json.dumps(seeds)} differs from the seed policy it started "
+                f"with ({pinned}; null = fixed seeds); a policy's looks and their level are planned at the start"
+            )
         tracking.mark_running(client, run_id)
     else:
         tags = tracking.run_tags(study.base, run_key=key, kind="study", extra={STUDY_TAG: study.name})
         run_id = tracking.create_run(client, experiment, study.base, tags)
         sections = {k: v for k, v in study_params(study).items() if k.startswith(("tune.", "study."))}
         tracking.log_text_params(client, run_id, sections)
-    client.set_tag(run_id, SEEDS_TAG, json.dumps(study.spec.seed_list))
+    client.set_tag(run_id, SEED_PLAN_TAG, json.dumps(plan))
+    client.set_tag(run_id, LOOKS_TAG, str(len(seed_looks(study.spec.seeds))))
     return run_id
 
 
@@ -283,7 +334,7 @@ def run_study(
     client = tracking.client(study.base.tracking.uri)
     study_run_id = _study_run(study, resume=resume)
     say(f"{'resuming' if resume else 'starting'} study {study.name!r}; MLflow study run {study_run_id}")
-    started = init_ray(address, dashboard=study.base.scaling.num_workers > 1)
+    started = init_ray(address, dashboard=study.base.scaling.num_workers > 1, worker_output=False)
     try:
         sweep_run_id = tracking.find_run(client, study.base.tracking.experiment, f"sweep:{study.sweep.name}")
         if sweep_run_id is None or client.get_run(sweep_run_id).info.status != "FINISHED":
@@ -297,15 +348,7 @@ def run_study(
                 f"(b) {s.cell}: configuration {s.candidate} (mean val {100 * s.score:.2f} %, best of "
                 f"{s.full_budget} of {s.offered} configurations that ran the full budget)"
             )
-        loops = final_loops(study, selected, study_run_id)
-        check_no_replay(client, study, sweep_run_id, loops)
-        todo = {k: v for k, v in loops.items() if k not in finished_finals(client, study)}
-        say(
-            f"(c) finals: {len(loops)} runs ({len(selected)} cells x {len(study.spec.seed_list)} seeds), "
-            f"{len(todo)} to run, test once each"
-        )
-        if todo:
-            fit_finals(study, todo, study_run_id)
+        seeds = run_finals(client, study, selected, study_run_id, sweep_run_id)
     except BaseException:
         try:
             tracking.finish(client, study_run_id, ok=False)
@@ -316,6 +359,6 @@ def run_study(
         if started:
             ray.shutdown()
     out = Path(report_dir) if report_dir is not None else Path("reports") / study.name
-    report = write_study_report(client, study, study_run_id, selected, out)
+    report = write_study_report(client, study, study_run_id, selected, seeds, out)
     tracking.finish(client, study_run_id)
     return report

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -92,6 +93,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def client(uri: str) -> MlflowClient:
     """An MLflow client bound to `uri` (never the process-global tracking URI)."""
+    # No progress bar on the console for each artifact a report downloads (read at download time).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(uri)
 
 
@@ -293,6 +296,32 @@ def log_final(client: MlflowClient, run_id: str, cfg: ExperimentConfig, state_di
         torch.save(state_dict, buffer)
         (Path(tmp) / "weights.pt").write_bytes(buffer.getvalue())
         client.log_artifact(run_id, str(Path(tmp) / "weights.pt"), artifact_path="model")
+
+
+TEST_EXAMPLES_ARTIFACT = "test_examples.npz"  # a final's per-example test record: correct (0/1) and label
+
+
+def log_test_examples(client: MlflowClient, run_id: str, correct: Any, labels: Any) -> None:
+    """The final's per-example test record as an artifact (numpy arrays, one entry per test example)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TEST_EXAMPLES_ARTIFACT
+        np.savez_compressed(path, correct=correct, label=labels)
+        client.log_artifact(run_id, str(path))
+
+
+def load_test_examples(client: MlflowClient, run_id: str) -> Any | None:
+    """The `correct` array of a final's per-example test record, or None when the run has none."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, TEST_EXAMPLES_ARTIFACT, tmp)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            return None
+        with np.load(path) as record:
+            return record["correct"].copy()
 
 
 def finish(client: MlflowClient, run_id: str, ok: bool = True, status: str | None = None) -> None:

@@ -240,10 +240,14 @@ def tune_run_config(name: str, base: ExperimentConfig) -> Any:
     """Tune's RunConfig for a sweep or a study's finals: storage, failures and checkpoints from the config."""
     from ray import tune
 
+    from kn_dist.tune_console import make_console_callback, quiet_tune
+
+    quiet_tune()
     return tune.RunConfig(
         name=name,
         storage_path=base.checkpoint.storage_path,
-        verbose=1,
+        verbose=0,  # no boxed tables: kn_dist.tune_console prints one line per trial start, epoch and end
+        callbacks=[make_console_callback(base.epochs)],
         # One-worker trials restart from their last checkpoint (on another node if theirs is gone).
         failure_config=tune.FailureConfig(max_failures=base.checkpoint.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=base.checkpoint.keep),
@@ -287,7 +291,7 @@ def run_sweep(
     import ray
 
     sweep = open_sweep(path, overrides, tracking_uri)
-    started = init_ray(address, dashboard=sweep.base.scaling.num_workers > 1)
+    started = init_ray(address, dashboard=sweep.base.scaling.num_workers > 1, worker_output=False)
     try:
         results = fit_sweep(sweep, resume=resume)
     finally:

@@ -189,16 +189,20 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
             print(_format_progress(epoch, cfg.epochs, metrics, time.perf_counter() - begin, epoch - start_epoch + 1))
         finished = epoch == cfg.epochs
         if finished and test_open:
+            examples: list[tuple[torch.Tensor, torch.Tensor]] = []
             test = engine.evaluate(
                 run.evaluated,
                 run.loaders["test"],
                 device=device,
                 precision=cfg.precision,
                 channels_last=cfg.channels_last,
+                examples=examples,
             )
             metrics.update(test_loss=test["loss"], test_top1=test["top1"])
+            # every rank's examples, in rank order: the per-example record of the paired bootstrap
+            shards = gather_objects([torch.cat([c for c, _ in examples]), torch.cat([y for _, y in examples])], world)
             if tracker is not None:
-                tracker.log_test(epoch, test)
+                tracker.log_test(epoch, test, shards)
         if finished and tracker is not None:
             tracker.finish(cfg, run.net.state_dict())
         # "reported_at" lets the benches time whole epochs (train, eval, logging, checkpoint).
@@ -297,7 +301,10 @@ class _Tracker:
         """Tag kn_dist.resumed_from: every checkpoint epoch this run restarted from, in order ("2,5")."""
         tracking.append_tag(self.client, self.run_id, RESUMED_FROM_TAG, str(epoch))
 
-    def log_test(self, epoch: int, test: dict[str, float]) -> None:
+    def log_test(self, epoch: int, test: dict[str, float], shards: list[list[torch.Tensor]]) -> None:
+        correct = torch.cat([c for c, _ in shards]).numpy()
+        labels = torch.cat([y for _, y in shards]).numpy()
+        tracking.log_test_examples(self.client, self.run_id, correct, labels)  # before the figure: it marks done
         tracking.log_epoch(self.client, self.run_id, epoch, {"test_loss": test["loss"], "test_top1": test["top1"]})
 
     def test_logged(self) -> bool:

@@ -96,6 +96,10 @@ def test_sweep_passes_the_tune_validator(path):
 STUDIES = sorted((EXPERIMENTS / "studies").glob("*.yaml"))
 
 
+def scheduler_and_search(study) -> tuple[str, str]:
+    return study.sweep.tune.scheduler.name, study.sweep.tune.search
+
+
 def test_every_family_has_a_study_on_both_cifars():
     assert {p.stem for p in STUDIES} >= {f"{f}_{d}" for f in FAMILIES for d in ("cifar10", "cifar100")}
 
@@ -108,7 +112,13 @@ def test_study_loads_and_passes_the_validator(path):
 
     study = load_study(path)
     raw = yaml.safe_load(path.read_text())
-    assert study.spec.seed_list == list(range(raw["study"]["seeds"])) and len(study.spec.seed_list) >= 3
+    seeds = raw["study"]["seeds"]  # a number, or a policy {min, max, batch} (kn_dist.study_answer.SeedPolicy)
+    first = seeds if isinstance(seeds, int) else seeds["min"]
+    assert study.spec.seeds_at(0) == list(range(first)) and first >= 3
+    # the shipped studies (not the demo) test with the same family-wise level and equivalence margin
+    assert (study.spec.alpha, study.spec.delta) == (0.05, 0.5)
+    if "digits" not in path.stem:
+        assert scheduler_and_search(study) == ("halving", "random")
     assert study.base.data.dataset == ("digits" if "digits" in path.stem else path.stem.rsplit("_", 1)[1])
     validate_sweep(study.sweep)
     assert f"studies/{path.name}" in (EXPERIMENTS / "README.md").read_text(), "the study plan lists every study"

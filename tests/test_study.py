@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -267,12 +268,37 @@ def test_the_study_run_holds_the_answer(study, tmp_path):
         assert len(scores) == 3 and study_run.data.metrics[key] == pytest.approx(sum(scores) / len(scores))
     local = Path(client.download_artifacts(study_run.info.run_id, "report", str(tmp_path)))
     text = (local / "report.md").read_text()
-    assert "convmixer_256_8" in text and ("beats" in text or "no difference detected" in text)
-    assert "(3 seeds" in text or ", 3 seeds)" in text
+    verdicts = ("beats", "loses to", "equivalent", "inconclusive")
+    assert "convmixer_256_8" in text and "over 3 paired seeds" in text
+    (verdict,) = [v for k, v in study_run.data.tags.items() if k.startswith("kn_dist.verdict.")]
+    assert verdict in verdicts and f"**{verdict}**" in text
     assert "convmixer_256_8/bn 1 of 3; convmixer_256_8/kn 1 of 3" in text
+    for final in finals:  # every seed's figure is listed, and its per-example record adds up to it
+        assert f"s{final.data.tags['kn_dist.seed']}: {100 * final.data.metrics['test_top1']:.2f}" in text
+        record = np.load(client.download_artifacts(final.info.run_id, "test_examples.npz", str(tmp_path)))
+        assert record["correct"].mean() == pytest.approx(final.data.metrics["test_top1"], abs=1e-12)
+    note = study_run.data.tags["mlflow.note.content"]  # the run page's description in the MLflow UI
+    assert note.startswith("# Does KernelNorm beat") and f"**{verdict}**" in note and "s0: " in note
     pngs = list(local.glob("*.png"))
     assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert "report:" in study["out"] and "mlflow ui" in study["out"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_console_is_our_lines_only(study):
+    """One line per trial start, epoch and end, the stage lines and the answer: no Tune tables, TensorBoard
+    hints, Ray deduplication notices or worker prefixes."""
+    lines = [line for line in study["out"].splitlines() if line.strip()]
+    assert lines and all(line.startswith("[kn-dist] ") for line in lines), [
+        line for line in lines if not line.startswith("[kn-dist] ")
+    ][:5]
+    out = study["out"]
+    assert not any(noise in out for noise in ("╭", "│", "Trial status", "TensorBoard", "repeated", "pid="))
+    starts = [line for line in lines if " starts (" in line]
+    ends = [line for line in lines if " ends at epoch " in line]
+    assert len(starts) == len(ends) >= 2  # the finals of the resume: seed 2 of both cells, maybe more
+    assert any("verdict" in line or "inconclusive" in line or "beats" in line or "equivalent" in line for line in lines)
 
 
 BAD = [

@@ -145,8 +145,8 @@ def test_finals_are_keyed_by_cell_and_seed_and_growing_seeds_adds_only_new_ones(
     _fill(store)
     client, study = store["client"], store["study"]
     selected = select_configurations(client, study, store["sweep_run"])
-    three = final_loops(study, selected, store["study_run"])
-    five = final_loops(store["load"]("study.seeds=5"), selected, store["study_run"])
+    three = final_loops(study, selected, store["study_run"], [0, 1, 2])
+    five = final_loops(store["load"]("study.seeds=5"), selected, store["study_run"], [0, 1, 2, 3, 4])
     assert set(three) < set(five) and len(five) == 10
     assert all(five[k].config == three[k].config for k in three)  # a finished final is the same run
     by_seed = {}
@@ -178,6 +178,6 @@ def test_a_final_that_would_replay_a_trial_is_refused(store):
     client, study = store["client"], store["study"]
     # A trial that happened to use the seed the finals give study seed 1, with the selected values.
     _trial(store, 0, 1, 0, [0.1, 0.1], status="KILLED", seed=final_seed(0, 1))
-    loops = final_loops(study, select_configurations(client, study, store["sweep_run"]), store["study_run"])
+    loops = final_loops(study, select_configurations(client, study, store["sweep_run"]), store["study_run"], [0, 1, 2])
     with pytest.raises(UserError, match="would replay a sweep trial"):
         check_no_replay(client, study, store["sweep_run"], loops)
