@@ -38,10 +38,39 @@ class DataConfig(_Strict):
     crop_padding: int = Field(4, ge=0)  # random-crop padding (translate) for training; 0 turns it off
     hflip: bool = True
     cutout: int = Field(0, ge=0)  # cutout square side; 0 turns it off
+    # Strong augmentation of the published recipes (kn_dist.data.strong_augment), off by default; seeded per
+    # (seed, epoch, sample) like crop / flip / cutout. Order: crop, flip, cutout, RandAugment or AutoAugment,
+    # colour jitter, normalisation, random erasing (locuslab/convmixer-cifar10's train.py order).
+    randaugment_ops: int = Field(0, ge=0, le=4)  # torchvision RandAugment num_ops; 0 turns it off
+    randaugment_magnitude: int = Field(9, ge=0)  # magnitude bin, below randaugment_bins
+    randaugment_bins: int = Field(31, ge=2)  # torchvision's num_magnitude_bins
+    autoaugment: Literal["none", "cifar10"] = "none"  # torchvision AutoAugment policy (CIFAR-10: Cubuk et al. 2019)
+    color_jitter: float = Field(0.0, ge=0, le=0.5)  # ColorJitter(j, j, j): factors uniform in [1 - j, 1 + j]
+    random_erasing: float = Field(0.0, ge=0, le=1)  # RandomErasing probability (value 0 after normalisation)
+    random_erasing_scale: tuple[float, float] = (0.02, 0.33)  # erased share of the image (torchvision defaults)
+    random_erasing_ratio: tuple[float, float] = (0.3, 3.3)  # aspect ratio range, sampled log-uniformly
+    repeated_augmentation: int = Field(1, ge=1)  # passes over train per epoch, fresh draws each (Lee et al.'s --ra)
     num_workers: int | None = Field(None, ge=1)  # loader threads; default: the CPUs given to each Ray worker
     order: Literal["random", "quasi_random"] = "random"
     os_cache: bool = True
     batches_ahead: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _augmentation(self) -> DataConfig:
+        if self.randaugment_magnitude >= self.randaugment_bins:
+            raise ValueError(
+                f"data.randaugment_magnitude {self.randaugment_magnitude} must be below data.randaugment_bins "
+                f"({self.randaugment_bins})"
+            )
+        if self.randaugment_ops and self.autoaugment != "none":
+            raise ValueError("data.randaugment_ops and data.autoaugment are alternatives: set one of them to off")
+        low, high = self.random_erasing_scale
+        if not 0 < low <= high < 1:
+            raise ValueError(f"data.random_erasing_scale {[low, high]} must satisfy 0 < low <= high < 1")
+        low, high = self.random_erasing_ratio
+        if not 0 < low <= high:
+            raise ValueError(f"data.random_erasing_ratio {[low, high]} must satisfy 0 < low <= high")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -60,6 +89,15 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)  # applied to parameters with ndim >= 2 only
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
+    # mixup / cutmix per batch (kn_dist.mix; torchvision v2.MixUp / v2.CutMix pairing), timm-style switch:
+    # with both alphas > 0 a mixed batch is cutmix with probability mix_switch_prob, else mixup.
+    mixup_alpha: float = Field(0.0, ge=0)  # Beta(alpha, alpha) mixing weight; 0 turns mixup off
+    cutmix_alpha: float = Field(0.0, ge=0)  # Beta(alpha, alpha) kept area; 0 turns cutmix off
+    mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed at all
+    mix_switch_prob: float = Field(0.5, ge=0, le=1)
+    # EMA of the weights after every optimizer step (kn_dist.ema; timm ModelEmaV3's formula, no warm-up);
+    # validation and test then evaluate the EMA model (ConvNeXt's --model_ema_eval). None turns it off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
 
 class ScheduleConfig(_Strict):
@@ -138,7 +176,7 @@ class ExperimentConfig(_Strict):
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    if not where:  # a cross-section check of ExperimentConfig._consistent
+    if not where or first["type"] == "value_error":  # a model validator's check: its message names the keys
         return f"config: {first['msg'].removeprefix('Value error, ')}"
     if first["type"] == "extra_forbidden":
         return f"unknown config key {where!r}; check the spelling against kn_dist/config.py"

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kn_dist.config import OptimConfig, ScheduleConfig
+from kn_dist.ema import ModelEma
+from kn_dist.mix import BatchMixer, mix_targets
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,6 +104,16 @@ def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: in
         group["lr"] = base_lr * factor(step)
 
 
+def build_ema(model: nn.Module, cfg: OptimConfig) -> ModelEma | None:
+    """The EMA of `model` (unwrapped) when `cfg.ema_decay` is set, else None."""
+    return None if cfg.ema_decay is None else ModelEma(model, cfg.ema_decay)
+
+
+def build_mixer(cfg: OptimConfig, seed: int, rank: int) -> BatchMixer | None:
+    """This rank's mixup / cutmix when either alpha is set, else None."""
+    return BatchMixer(cfg, seed, rank) if cfg.mixup_alpha or cfg.cutmix_alpha else None
+
+
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 only; a disabled scaler (a no-op passthrough) otherwise."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -118,7 +130,10 @@ def autocast(precision: str, device: torch.device):
 
 
 def classification_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, smoothing: float):
-    """Cross-entropy; a tuple of logits (Conformer's CNN and transformer heads) gives the mean of their losses."""
+    """Cross-entropy; a tuple of logits (Conformer's CNN and transformer heads) gives the mean of their losses.
+
+    `labels` are class indices, or (N, classes) probabilities (mixup / cutmix targets; label smoothing then
+    smooths the mixed targets, which equals mixing smoothed one-hot targets as timm's Mixup does)."""
     if isinstance(outputs, tuple):
         return sum(F.cross_entropy(o.float(), labels, label_smoothing=smoothing) for o in outputs) / len(outputs)
     return F.cross_entropy(outputs.float(), labels, label_smoothing=smoothing)
@@ -152,19 +167,34 @@ def train_epoch(
     label_smoothing: float = 0.0,
     grad_clip: float | None = None,
     channels_last: bool = False,
+    mixer: BatchMixer | None = None,
+    ema: ModelEma | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns global mean loss, top-1 (fraction), images and seconds."""
+    """One pass over `loader`; returns global mean loss, top-1 (fraction), images and seconds.
+
+    `mixer` mixes each batch (mixup / cutmix, drawn from the loader's epoch and the batch's index in it; top-1
+    still counts each image's own label); `ema` is updated after every optimizer step.
+    """
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
+    if mixer is not None:  # the loader's 0-based epoch counter (kn_dist.data's loaders), where it has one
+        mixer.epoch = getattr(loader, "next_epoch", mixer.epoch)
     start = time.perf_counter()
-    for images, labels in loader:
+    for step, (images, labels) in enumerate(loader):
+        mix = None
+        if mixer is not None:
+            images, mix = mixer(images, step)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(precision, device):
             outputs = model(images)
-            loss = classification_loss(outputs, labels, label_smoothing)
+            targets = labels
+            if mix is not None and mix.kind != "none":
+                classes = (outputs[0] if isinstance(outputs, tuple) else outputs).shape[-1]
+                targets = mix_targets(labels, mix, classes)
+            loss = classification_loss(outputs, targets, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if grad_clip is not None:
@@ -173,6 +203,8 @@ def train_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         # Accumulate on device: no host sync per step.
         n = labels.shape[0]
         loss_sum += loss.detach().double() * n

@@ -32,11 +32,11 @@ from kn_dist import data, engine, tracking
 from kn_dist.config import ExperimentConfig
 from kn_dist.models import create_model
 from kn_dist.rank_state import broadcast_flag, gather_objects, rng_state, seed_all, set_rng_state
+from kn_dist.run_tracker import open_run
 from kn_dist.runtime import PROGRESS_PREFIX, TIMELINE_TAG, keep_freed_cpu_memory, mark, restart_timeline, timeline_json
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_DIR = "epoch_{epoch:04d}"  # one directory per checkpointed epoch, under the run's storage
-RESUMED_FROM_TAG = "kn_dist.resumed_from"
 NODES_TAG = "kn_dist.nodes"  # rank 0's Ray node at every start of the run ("node_a,node_b" after a move)
 
 
@@ -137,13 +137,18 @@ class _Run:
 
     net: torch.nn.Module  # the unwrapped model (state dicts, evaluation)
     forward: torch.nn.Module  # what trains: DDP-wrapped and/or compiled
-    evaluated: torch.nn.Module  # what evaluates: unwrapped, compiled if asked
+    evaluated: torch.nn.Module  # what evaluates: unwrapped (the EMA with optim.ema_decay), compiled if asked
     num_params: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loaders: dict[str, Any]
     steps_per_epoch: int
+    ema: engine.ModelEma | None = None  # optim.ema_decay; the trained weights then give the val_*_raw metrics
+    mixer: engine.BatchMixer | None = None  # optim.mixup_alpha / cutmix_alpha
+
+    def weights(self) -> dict[str, Any]:  # the weights that were evaluated: the EMA's when there is one
+        return (self.ema.module if self.ema is not None else self.net).state_dict()
 
 
 def train_loop(loop: LoopConfig, session: Session) -> None:
@@ -162,7 +167,7 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     start_epoch, run_id, restored_report = _restore(
         session.latest_checkpoint(), run, cfg, rank, world, loop.mlflow_run_id
     )
-    tracker = _open_mlflow_run(loop, run_id, run.num_params) if rank == 0 else None
+    tracker = open_run(loop, run_id, run.num_params) if rank == 0 else None
     if tracker is not None:
         tracking.append_tag(tracker.client, tracker.run_id, NODES_TAG, session.node_id)
         if start_epoch > 1:
@@ -172,7 +177,7 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
         # Restarted after its last epoch was checkpointed (killed before the caller saw the end): finish the
         # MLflow run if that was still to do, and hand the caller that epoch's result again.
         if tracker is not None and start_epoch > cfg.epochs:
-            tracker.finish_once(cfg, run.net.state_dict())
+            tracker.finish_once(cfg, run.weights())
         session.report(restored_report, None, None)
         return
     # A final opens the test split once: a restart after its test was logged does not evaluate it again.
@@ -190,21 +195,14 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
         finished = epoch == cfg.epochs
         if finished and test_open:
             examples: list[tuple[torch.Tensor, torch.Tensor]] = []
-            test = engine.evaluate(
-                run.evaluated,
-                run.loaders["test"],
-                device=device,
-                precision=cfg.precision,
-                channels_last=cfg.channels_last,
-                examples=examples,
-            )
+            test = engine.evaluate(run.evaluated, run.loaders["test"], **_eval_args(cfg, device), examples=examples)
             metrics.update(test_loss=test["loss"], test_top1=test["top1"])
             # every rank's examples, in rank order: the per-example record of the paired bootstrap
             shards = gather_objects([torch.cat([c for c, _ in examples]), torch.cat([y for _, y in examples])], world)
             if tracker is not None:
                 tracker.log_test(epoch, test, shards)
         if finished and tracker is not None:
-            tracker.finish(cfg, run.net.state_dict())
+            tracker.finish(cfg, run.weights())
         # "reported_at" lets the benches time whole epochs (train, eval, logging, checkpoint).
         report = {"epoch": epoch, **metrics, "reported_at": time.time()}
         if epoch % cfg.checkpoint.every_epochs == 0 or epoch == last:
@@ -243,6 +241,8 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     # Validation runs on the unwrapped module: ranks may have different numbers of val batches (the
     # val shards are not padded) and DDP's forward can issue collectives.
     evaluated = torch.compile(net) if cfg.compile else net
+    ema = engine.build_ema(net, cfg.optim)  # with EMA, evaluate the average (ConvNeXt's --model_ema_eval)
+    evaluated = (torch.compile(ema.module) if cfg.compile else ema.module) if ema is not None else evaluated
     seed_all(cfg.seed + 1000 * rank)  # a per-rank stream: dropout masks differ between ranks
 
     # FFCV shards itself (distributed=True); built once per worker, after the process group exists.
@@ -257,7 +257,8 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     optimizer = engine.build_optimizer(net, cfg.optim)
     scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, steps)
     scaler = engine.build_scaler(cfg.precision, device)
-    return _Run(net, forward, evaluated, num_params, optimizer, scheduler, scaler, loaders, steps)
+    mixer = engine.build_mixer(cfg.optim, cfg.seed, rank)
+    return _Run(net, forward, evaluated, num_params, optimizer, scheduler, scaler, loaders, steps, ema, mixer)
 
 
 def _restore(checkpoint: Any | None, run: _Run, cfg: ExperimentConfig, rank: int, world: int, run_id: str | None):
@@ -267,6 +268,8 @@ def _restore(checkpoint: Any | None, run: _Run, cfg: ExperimentConfig, rank: int
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         run.net.load_state_dict(state["model"])
+        if run.ema is not None:  # a checkpoint written without EMA starts the average at the restored weights
+            run.ema.load_state_dict(state["ema"]) if "ema" in state else run.ema.restart()
         run.optimizer.load_state_dict(state["optimizer"])
         run.scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
@@ -286,61 +289,6 @@ def _restore(checkpoint: Any | None, run: _Run, cfg: ExperimentConfig, rank: int
     return start_epoch, run_id, report
 
 
-class _Tracker:
-    """Rank 0's MLflow run: per-epoch metrics once each, the test figures, the final artifacts."""
-
-    def __init__(self, client: Any, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
-        self.logged = tracking.logged_epochs(client, run_id)
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if epoch not in self.logged:
-            tracking.log_epoch(self.client, self.run_id, epoch, metrics)
-
-    def record_resume(self, epoch: int) -> None:
-        """Tag kn_dist.resumed_from: every checkpoint epoch this run restarted from, in order ("2,5")."""
-        tracking.append_tag(self.client, self.run_id, RESUMED_FROM_TAG, str(epoch))
-
-    def log_test(self, epoch: int, test: dict[str, float], shards: list[list[torch.Tensor]]) -> None:
-        correct = torch.cat([c for c, _ in shards]).numpy()
-        labels = torch.cat([y for _, y in shards]).numpy()
-        tracking.log_test_examples(self.client, self.run_id, correct, labels)  # before the figure: it marks done
-        tracking.log_epoch(self.client, self.run_id, epoch, {"test_loss": test["loss"], "test_top1": test["top1"]})
-
-    def test_logged(self) -> bool:
-        return bool(tracking.logged_epochs(self.client, self.run_id, "test_top1"))
-
-    def finish(self, cfg: ExperimentConfig, state_dict: dict[str, Any]) -> None:
-        tracking.log_final(self.client, self.run_id, cfg, state_dict)
-        tracking.finish(self.client, self.run_id)
-
-    def finish_once(self, cfg: ExperimentConfig, state_dict: dict[str, Any]) -> None:
-        if self.client.get_run(self.run_id).info.status != "FINISHED":
-            self.finish(cfg, state_dict)
-
-
-def _open_mlflow_run(loop: LoopConfig, run_id: str | None, num_params: int) -> _Tracker:
-    cfg = loop.config
-    client = tracking.client(cfg.tracking.uri)
-    if run_id is None:
-        tags = tracking.run_tags(
-            cfg,
-            run_key=loop.run_key,
-            kind=loop.kind,
-            trial_id=loop.trial_id,
-            sweep=loop.sweep,
-            parent_run_id=loop.mlflow_parent_run_id,
-            extra=loop.tags,
-        )
-        run_id = tracking.find_or_create_run(client, cfg.tracking.experiment, cfg, tags)
-    else:
-        tracking.mark_running(client, run_id)
-    tracker = _Tracker(client, run_id)
-    if not tracking.logged_epochs(client, run_id, "num_params"):
-        tracking.log_epoch(client, run_id, 0, {"num_params": num_params})
-    return tracker
-
-
 def _train_and_validate(
     run: _Run, cfg: ExperimentConfig, device: torch.device, world: int, *, fail_mid_epoch: bool = False
 ) -> dict[str, float]:
@@ -358,17 +306,18 @@ def _train_and_validate(
         label_smoothing=cfg.optim.label_smoothing,
         grad_clip=cfg.optim.grad_clip,
         channels_last=cfg.channels_last,
+        mixer=run.mixer,
+        ema=run.ema,
     )
     if fail_mid_epoch:
         raise RuntimeError("fault drill: this rank fails mid-epoch (LoopConfig.fail_after_epoch)")
     if world > 1 and not cfg.scaling.sync_bn:
         # Each rank's BatchNorm running stats drift by its last local batch; evaluate (and save)
         # rank 0's everywhere, as DDP itself does before every training forward.
-        for buffer in run.net.buffers():
+        for buffer in [*run.net.buffers(), *(run.ema.module.buffers() if run.ema is not None else ())]:
             dist.broadcast(buffer, 0)
-    val = engine.evaluate(
-        run.evaluated, run.loaders["val"], device=device, precision=cfg.precision, channels_last=cfg.channels_last
-    )
+    val = engine.evaluate(run.evaluated, run.loaders["val"], **_eval_args(cfg, device))
+    raw = engine.evaluate(run.net, run.loaders["val"], **_eval_args(cfg, device)) if run.ema is not None else None
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     return {
         "train_loss": train["loss"],
@@ -379,6 +328,7 @@ def _train_and_validate(
         "epoch_seconds": train["seconds"],
         "images_per_s": train["images"] / max(train["seconds"], 1e-9),
         "peak_mem_mb": peak,
+        **({"val_loss_raw": raw["loss"], "val_top1_raw": raw["top1"]} if raw else {}),  # with EMA: the trained weights
     }
 
 
@@ -392,6 +342,7 @@ def _save_and_report(session: Session, report: dict[str, Any], run: _Run, epoch:
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
                 "scaler": run.scaler.state_dict(),
+                **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
                 "epoch": epoch,
                 "report": report,  # handed back if the run restarts with nothing left to train
                 "rng": rng,
@@ -404,6 +355,10 @@ def _save_and_report(session: Session, report: dict[str, Any], run: _Run, epoch:
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers
+
+
+def _eval_args(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+    return {"device": device, "precision": cfg.precision, "channels_last": cfg.channels_last}
 
 
 def _format_progress(epoch: int, epochs: int, m: dict[str, float], elapsed: float, done: int) -> str:

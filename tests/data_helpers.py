@@ -73,3 +73,64 @@ def ref_augment(image: np.ndarray, params: tuple, pad: int, cutout: int, fill) -
     if cutout:
         out[cy : cy + cutout, cx : cx + cutout] = fill
     return out
+
+
+# ----------------------------------------------------------------------------- strong augmentation draws
+# Written from kn_dist.data.strong_augment's docstring: the slots, below() and uniform() of the sample key.
+
+
+def ref_key(seed: int, epoch: int, index: int) -> int:
+    return sm64(sm64(sm64(seed & M64) ^ epoch) ^ index)
+
+
+def ref_below(key: int, slot: int, n: int) -> int:
+    return ((sm64((key + slot * GOLDEN) & M64) >> 32) * n) >> 32
+
+
+def ref_uniform(key: int, slot: int) -> float:
+    return (sm64((key + slot * GOLDEN) & M64) >> 11) / 2.0**53
+
+
+def ref_randaugment(key: int, num_ops: int, magnitude_of: list[float], signed: set[int]) -> list[tuple[int, float]]:
+    out = []
+    for k in range(num_ops):
+        op = ref_below(key, 8 + 2 * k, 14)
+        m = magnitude_of[op]
+        if op in signed and ref_uniform(key, 9 + 2 * k) < 0.5:
+            m = -m
+        out.append((op, m))
+    return out
+
+
+def ref_autoaugment(key: int, policy: list, signed: set[int]) -> list[tuple[int, float]]:
+    """policy: 25 sub-policies of two (op id, probability, magnitude)."""
+    sub = policy[ref_below(key, 16, len(policy))]
+    out = []
+    for k, (op, p, m) in enumerate(sub):
+        if ref_uniform(key, 17 + k) <= p:
+            out.append((op, -m if op in signed and ref_uniform(key, 19 + k) < 0.5 else m))
+        else:
+            out.append((0, 0.0))
+    return out
+
+
+def ref_jitter(key: int, strength: float) -> list[tuple[str, float]]:
+    orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+    names = ("Brightness", "Contrast", "Color")
+    return [(names[f], strength * (2 * ref_uniform(key, 25 + f) - 1)) for f in orders[ref_below(key, 24, 6)]]
+
+
+def ref_erasing(key: int, p: float, scale, ratio, h: int, w: int) -> tuple[int, int, int, int]:
+    import math
+
+    if ref_uniform(key, 32) >= p:
+        return 0, 0, 0, 0
+    for a in range(10):
+        slot = 33 + 4 * a
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * ref_uniform(key, slot))
+        lo, hi = math.log(ratio[0]), math.log(ratio[1])
+        aspect = math.exp(lo + (hi - lo) * ref_uniform(key, slot + 1))
+        eh, ew = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if eh < h and ew < w:
+            return ref_below(key, slot + 2, h - eh + 1), ref_below(key, slot + 3, w - ew + 1), eh, ew
+    return 0, 0, 0, 0

@@ -162,6 +162,75 @@ def test_tuple_outputs_average_the_losses():
     assert ev["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
 
 
+def test_mixed_batches_and_ema_equal_torchvision_mixup_cutmix_and_averaged_model(monkeypatch):
+    """train_epoch with mixup / cutmix and an EMA against a hand-written loop: torchvision's v2.MixUp / v2.CutMix
+    given each batch's draws (kn_dist.mix.draw), soft-target cross-entropy with label smoothing, and
+    AveragedModel(get_ema_multi_avg_fn) updated after every step."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torchvision.transforms import v2
+
+    from kn_dist.mix import draw
+
+    class Fixed:
+        def __init__(self, value):
+            self.value = value
+
+        def sample(self, shape=()):
+            return torch.tensor(self.value, dtype=torch.float64)
+
+    data = _batches(6, 16, seed=3)
+    ocfg = OptimConfig(lr=0.05, momentum=0.0, weight_decay=0.0, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.8)
+    model = _small_model()
+    opt = engine.build_optimizer(model, ocfg)
+    sched = engine.build_scheduler(opt, ScheduleConfig(name="constant"), 1, len(data))
+    mixer, ema = engine.build_mixer(ocfg, seed=5, rank=0), engine.build_ema(model, ocfg)
+    mixer.epoch = 2
+    scaler = engine.build_scaler("fp32", CPU)
+    engine.train_epoch(model, data, opt, sched, scaler, device=CPU, label_smoothing=0.1, mixer=mixer, ema=ema)
+
+    ref = _small_model()
+    averaged = AveragedModel(ref, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    averaged.update_parameters(ref)
+    kinds = set()
+    for step, (x, y) in enumerate(data):
+        mix = draw(ocfg, 5, 2, step, 0, x.shape[-2], x.shape[-1])
+        kinds.add(mix.kind)
+        targets = F.one_hot(y, 5).float()
+        if mix.kind != "none":
+            transform = v2.MixUp(alpha=0.8, num_classes=5) if mix.kind == "mixup" else v2.CutMix(num_classes=5)
+            transform._dist = Fixed(mix.beta)
+            centre = iter(mix.centre or ())
+            with monkeypatch.context() as patch:  # torchvision draws the box centre with randint(W), randint(H)
+                patch.setattr(torch, "randint", lambda *a, _c=centre, **k: torch.tensor([next(_c)]))
+                x, targets = transform(x, y)
+        loss = F.cross_entropy(ref(x), targets, label_smoothing=0.1)
+        ref.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.05 * p.grad
+        averaged.update_parameters(ref)
+    assert kinds >= {"mixup", "cutmix"}
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    for p, q in zip(ema.module.parameters(), averaged.module.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_soft_target_loss_with_smoothing_is_the_mixup_criterion():
+    # Lee et al.'s / Zhang et al.'s mixup criterion: lam * CE(out, y_a) + (1 - lam) * CE(out, y_b), each smoothed.
+    from kn_dist.mix import Mix, mix_targets
+
+    torch.manual_seed(0)
+    out, y = torch.randn(6, 7), torch.randint(0, 7, (6,))
+    lam = 0.35
+    targets = mix_targets(y, Mix("mixup", lam), 7)
+    want = lam * F.cross_entropy(out, y, label_smoothing=0.1) + (1 - lam) * F.cross_entropy(
+        out, y.roll(1, 0), label_smoothing=0.1
+    )
+    assert engine.classification_loss(out, targets, 0.1).item() == pytest.approx(want.item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- DDP over gloo
 
 

@@ -8,7 +8,10 @@ excluded by a warm-up epoch on each side.
     padding=4), RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader, vs `kn_dist.data.loaders`.
 (b) 224x224 from JPEG files: `ImageFolder` + PIL decode + RandomResizedCrop(224) + flip + ToTensor +
     Normalize, vs `kn_dist.data.loaders` on the same files written as a JPEG .beton.
-ratio = FFCV images/s over the PyTorch loader's; target (issue 5): >= 8 for (a), >= 3 for (b).
+(c) as (a) with torchvision's RandAugment(2, 9) after the flip (PIL ops per image in the DataLoader workers), vs
+    `kn_dist.data.loaders` with `data.randaugment_ops: 2` (kn_dist.data.strong_augment: batched torch ops).
+ratio = FFCV images/s over the PyTorch loader's; target: >= 8 for (a), >= 3 for (b) (issue 5), >= 3 for (c)
+(issue 25).
 """
 
 from __future__ import annotations
@@ -69,20 +72,29 @@ def _compare(ffcv_loader, torch_loader, repeats: int) -> dict:
     }
 
 
-def _case_cifar(tmp: Path, n: int, repeats: int, batch: int) -> dict:
+def _case_cifar(tmp: Path, n: int, repeats: int, batch: int, randaugment: int = 0) -> dict:
+    """Case (a); `randaugment` > 0 adds RandAugment(randaugment, 9) after the flip on both sides (case (c))."""
     import torchvision.transforms as T
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n)
-    path = write_beton(tmp / "cifar32.beton", ArrayDataset(images, labels))
+    path = tmp / "cifar32.beton"
+    if not path.exists():
+        write_beton(path, ArrayDataset(images, labels))
     cfg = DataConfig(
-        dataset="cifar10", train_path=str(path), val_path=str(path), batch_size=batch, num_workers=NUM_WORKERS
+        dataset="cifar10",
+        train_path=str(path),
+        val_path=str(path),
+        batch_size=batch,
+        num_workers=NUM_WORKERS,
+        randaugment_ops=randaugment,
     )
     ffcv_train, _ = loaders(cfg, 0, 1, torch.device("cpu"))
     spec = DATASETS["cifar10"]
+    strong = [T.RandAugment(num_ops=randaugment, magnitude=9)] if randaugment else []
     transform = T.Compose(
-        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *strong, T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     )
     torch_train = DataLoader(
         CifarStyle(images, labels, transform),
@@ -93,7 +105,7 @@ def _case_cifar(tmp: Path, n: int, repeats: int, batch: int) -> dict:
         persistent_workers=True,
     )
     return {
-        "name": "cifar32_randomcrop_flip",
+        "name": "cifar32_randomcrop_flip" + (f"_randaugment{randaugment}" if randaugment else ""),
         "images": n,
         "batch_size": batch,
         **_compare(ffcv_train, torch_train, repeats),
@@ -158,7 +170,8 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="kn_dist_bench_data_") as tmp:
         cifar = _case_cifar(Path(tmp), 5_000 if quick else 20_000, repeats, batch=512)
+        strong = _case_cifar(Path(tmp), 5_000 if quick else 20_000, repeats, batch=512, randaugment=2)
         jpeg = _case_jpeg(Path(tmp), 256 if quick else 1_024, repeats, batch=64)
-    cifar["target"], jpeg["target"] = 8.0, 3.0
+    cifar["target"], strong["target"], jpeg["target"] = 8.0, 3.0, 3.0
     common = {"num_workers": NUM_WORKERS, "device": "cpu", "torch_threads": torch.get_num_threads()}
-    return {"cases": [{**cifar, **common}, {**jpeg, **common}]}
+    return {"cases": [{**cifar, **common}, {**strong, **common}, {**jpeg, **common}]}

@@ -4,7 +4,8 @@
 
 Modules: catalog (dataset facts), sources (where images come from), splits (which samples go to
 train / val / test), writers, beton (reading/validating files), checks, augment (seeded
-augmentation), loaders.
+augmentation), randaugment + strong_augment (RandAugment / AutoAugment, colour jitter, random erasing,
+seeded alike), loaders.
 """
 
 from kn_dist.data.beton import inspect_beton, open_beton

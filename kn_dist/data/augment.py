@@ -12,7 +12,9 @@ Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014; the 
 Vigna's reference splitmix64.c). An integer in [0, n) is `((draw >> 32) * n) >> 32` (Lemire's
 multiply-shift; bias < n / 2^32). Draws: 0 dy, 1 dx (translate, each uniform in [-pad, pad]),
 2 flip (top bit), 3 cutout row, 4 cutout column (the square lies fully inside the image, as
-ffcv's Cutout). Slots are fixed, so turning one augmentation on does not change the others.
+ffcv's Cutout). Slots are fixed, so turning one augmentation on does not change the others; slots 8
+and up belong to RandAugment & co. (`kn_dist.data.strong_augment`), whose floats in [0, 1) are a
+draw's top 53 bits times 2^-53 (`uniform`).
 
 So two runs with one seed see identical batches, whatever the world size, batch size, thread
 count or device, and a loader whose `next_epoch` is set to e (as the worker does on resume)
@@ -52,21 +54,33 @@ def splitmix64(z):
 
 
 @numba.njit(inline="always")
-def _below(key, slot, n):
+def below(key, slot, n):
     """Draw `slot` of the sample with `key`, as an integer in [0, n)."""
     u = splitmix64(key + np.uint64(slot) * GOLDEN)
     return np.int64(((u >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
 
 
 @numba.njit(inline="always")
+def sample_key(seed, epoch, index):
+    """The key of sample `index` at `epoch`: every draw of that sample is a slot of it (module doc)."""
+    return splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ np.uint64(index))
+
+
+@numba.njit(inline="always")
+def uniform(key, slot):
+    """Draw `slot` of the sample with `key`, as a float64 in [0, 1) (its top 53 bits)."""
+    return np.float64(splitmix64(key + np.uint64(slot) * GOLDEN) >> np.uint64(11)) * 2.0**-53
+
+
+@numba.njit(inline="always")
 def _params(seed, epoch, index, pad, flip, cutout, h, w):
     """(dy, dx, mirrored, cut_y, cut_x) of one sample; cut_* are 0 when cutout is off (an empty square)."""
-    key = splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ np.uint64(index))
-    dy = _below(key, DRAW_DY, 2 * pad + 1) - pad if pad > 0 else 0
-    dx = _below(key, DRAW_DX, 2 * pad + 1) - pad if pad > 0 else 0
+    key = sample_key(seed, epoch, index)
+    dy = below(key, DRAW_DY, 2 * pad + 1) - pad if pad > 0 else 0
+    dx = below(key, DRAW_DX, 2 * pad + 1) - pad if pad > 0 else 0
     mirrored = flip and (splitmix64(key + np.uint64(DRAW_FLIP) * GOLDEN) >> np.uint64(63)) == np.uint64(1)
-    cy = _below(key, DRAW_CUT_Y, h - cutout + 1) if cutout > 0 else 0
-    cx = _below(key, DRAW_CUT_X, w - cutout + 1) if cutout > 0 else 0
+    cy = below(key, DRAW_CUT_Y, h - cutout + 1) if cutout > 0 else 0
+    cx = below(key, DRAW_CUT_X, w - cutout + 1) if cutout > 0 else 0
     return dy, dx, mirrored, cy, cx
 
 
@@ -141,6 +155,8 @@ class SeededAugment(Operation):
     in 0..255. `epoch` is set by `SeededLoader` before each epoch.
     """
 
+    reads_epoch = True
+
     def __init__(
         self,
         seed: int,
@@ -196,14 +212,48 @@ class SeededAugment(Operation):
 
 
 class SeededLoader(Loader):
-    """ffcv Loader that tells its `SeededAugment` operations the epoch each iteration draws for."""
+    """ffcv Loader that tells its seeded operations (`reads_epoch`: SeededAugment, StrongAugment) the epoch
+    each iteration draws for."""
 
     def __init__(self, *args, pipelines: dict | None = None, **kwargs):
         pipelines = pipelines or {}
-        self.augment_ops = [op for ops in pipelines.values() for op in ops or () if isinstance(op, SeededAugment)]
+        self.augment_ops = [op for ops in pipelines.values() for op in ops or () if getattr(op, "reads_epoch", False)]
         super().__init__(*args, pipelines=pipelines, **kwargs)
 
     def __iter__(self):
         for op in self.augment_ops:  # before the epoch's thread starts; the traversal order reads next_epoch too
             op.epoch = self.next_epoch
         return super().__iter__()
+
+
+class RepeatedPasses:
+    """`passes` passes over a train loader per epoch, each with its own order and augmentation draws.
+
+    The repeated augmentation of Lee et al.'s ViT-for-small-datasets recipe: their RASampler with
+    `len_factor` = 3 makes one "epoch" three shuffled passes over the data (aanna0701/SPT_LSA_ViT main.py,
+    `--ra 3`). Pass p of epoch e is FFCV epoch passes * e + p, so `next_epoch = e` (what the worker sets
+    on resume) continues exactly where an uninterrupted run would be.
+    """
+
+    def __init__(self, loader: Loader, passes: int):
+        self.loader, self.passes = loader, passes
+
+    def __iter__(self):
+        for _ in range(self.passes):
+            yield from self.loader
+
+    def __len__(self) -> int:
+        return self.passes * len(self.loader)
+
+    @property
+    def next_epoch(self) -> int:
+        return self.loader.next_epoch // self.passes
+
+    @next_epoch.setter
+    def next_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch * self.passes
+
+    def __getattr__(self, name: str):  # batch_size, indices, ... of the wrapped loader
+        if name == "loader":  # not set yet (e.g. during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)

@@ -6,7 +6,9 @@ placed after `ToTensor` hangs in `Loader.__init__` (libffcv/ffcv#396). Both path
 `augment.SeededAugment` (translate / flip / cutout as functions of (seed, epoch, sample index))
 right after the decoder: on CPU it also converts to normalised float32; on GPU it stays uint8,
 which goes to the device and is converted and normalised there. Only the image and label fields
-are decoded; the `index` field (and any other) is switched off (pipeline `None`).
+are decoded; the `index` field (and any other) is switched off (pipeline `None`). With RandAugment &
+co. configured, both paths end in the same `strong_augment.StrongAugment` op instead (uint8 in,
+normalised float32 out, on the batch's device).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from kn_dist.config import DataConfig
-from kn_dist.data.augment import SeededAugment, SeededLoader
+from kn_dist.data import strong_augment
+from kn_dist.data.augment import RepeatedPasses, SeededAugment, SeededLoader
 from kn_dist.data.beton import Beton
 from kn_dist.data.catalog import spec
 from kn_dist.data.checks import check_data_for_workers, open_splits
@@ -84,7 +87,11 @@ def _pipelines(data_cfg: DataConfig, beton: Beton, device: torch.device, channel
     else:
         image = [CenterCropRGBImageDecoder((size, size), ratio=CENTER_CROP_RATIO)]
     label: list = [IntDecoder(), ToTensor()]
-    if device.type == "cuda":  # ship uint8 (4x fewer bytes), convert and normalise on the GPU (as ffcv-cifar)
+    if train and strong_augment.enabled(data_cfg):  # RandAugment & co.: one StrongAugment op on both paths
+        image += strong_augment.pipeline_tail(data_cfg, seed, augment, mean, std, device, channels_last)
+        if device.type == "cuda":
+            label.append(ToDevice(device, non_blocking=True))
+    elif device.type == "cuda":  # ship uint8 (4x fewer bytes), convert and normalise on the GPU (as ffcv-cifar)
         if augment["pad"] or augment["flip"] or augment["cutout"]:
             image.append(SeededAugment(seed, **augment))
         image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=channels_last)]
@@ -125,7 +132,7 @@ def train_loader(
     *,
     seed: int = 0,
     channels_last: bool = False,
-) -> SeededLoader:
+) -> SeededLoader | RepeatedPasses:
     """The training Loader of this rank. Batches are (float32 NCHW images, int64 labels) on `device`.
 
     Decode, random translate by up to `crop_padding` px (= RandomCrop with zero padding) or, for
@@ -136,6 +143,10 @@ def train_loader(
     every epoch, the last shard padded with repeats so every rank runs the same number of steps).
     QUASI_RANDOM has no distributed mode in FFCV, so there each rank reads the fixed strided shard
     `rank::world_size` cut to N // world_size.
+
+    RandAugment / AutoAugment, colour jitter and random erasing (`kn_dist.data.strong_augment`) follow
+    when configured, seeded the same way; `data.repeated_augmentation` > 1 makes an epoch that many
+    passes (`augment.RepeatedPasses`).
     """
     from ffcv.loader import OrderOption
 
@@ -149,7 +160,7 @@ def train_loader(
         order["indices"] = np.arange(rank, n_train, world_size, dtype=np.uint64)[: n_train // world_size]
     elif world_size > 1:
         order["distributed"] = True
-    return SeededLoader(
+    loader = SeededLoader(
         info["train_path"],
         batch_size=data_cfg.batch_size,
         drop_last=True,
@@ -157,6 +168,7 @@ def train_loader(
         **order,
         **_common(data_cfg),
     )
+    return RepeatedPasses(loader, data_cfg.repeated_augmentation) if data_cfg.repeated_augmentation > 1 else loader
 
 
 def eval_loader(
@@ -206,7 +218,7 @@ def loaders(
     *,
     seed: int = 0,
     channels_last: bool = False,
-) -> tuple[SeededLoader, SeededLoader]:
+) -> tuple[SeededLoader | RepeatedPasses, SeededLoader]:
     """(train, val) Loaders for this rank: `train_loader` and `eval_loader(split="val")` (see both).
 
     Normalisation: per-dataset mean/std, or /255 only (`data_cfg.normalization == "unit"`). With
