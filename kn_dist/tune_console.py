@@ -15,8 +15,9 @@ from kn_dist.runtime import say
 
 def _describe(config: dict[str, Any]) -> tuple[str, str]:
     """(name, what it trains) of a Tune trial config: a sweep segment or a study's final."""
-    if "final" in config:
-        return str(config["final"]).removeprefix("final:"), "test once at the end"
+    if "final" in config:  # its run key: final:<study>:<model/norm>:<study seed>
+        _, _, cell, seed = str(config["final"]).rsplit(":", 3)
+        return f"final {cell} seed {seed}", "test once at the end"
     shown = {k: v for k, v in config.items() if k.startswith(("optim.", "model.kwargs.kn_", "schedule.", "data."))}
     values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(shown.items()))
     cell = f"{config.get('model.name')}/{config.get('model.norm')}"
