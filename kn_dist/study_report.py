@@ -332,9 +332,8 @@ def write_study_report(
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     tracking.log_study_results(client, study_run_id, metrics, out)
-    note = "\n".join(
-        [lines[0], "", *lines[4 : 4 + len(answers) + 1], *_comparison_table(comparisons), "", *note_tables]
-    )
+    # The run page shows a description's first lines until "Show more": the answer comes first.
+    note = "\n".join([*(f"**{a}**" for a in answers), "", *_comparison_table(comparisons), "", *note_tables])
     more = "\n\n(cut; the whole report is the artifact report/report.md)"
     client.set_tag(study_run_id, NOTE_TAG, note if len(note) <= NOTE_LIMIT else note[: NOTE_LIMIT - len(more)] + more)
     for text in answers:
