@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -93,8 +94,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def client(uri: str) -> MlflowClient:
     """An MLflow client bound to `uri` (never the process-global tracking URI)."""
-    # No progress bar on the console for each artifact a report downloads (read at download time).
+    # No progress bar on the console for each artifact a report downloads (read at download time), and no
+    # INFO lines of a new store's migrations ("Creating initial MLflow database tables..."): importing mlflow
+    # sets its logger's level, so kn_dist.runtime.quiet_ray_logs' setting is repeated here.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     return MlflowClient(uri)
 
 
