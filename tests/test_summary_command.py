@@ -1,5 +1,5 @@
-"""`kn-dist summary` (kn_dist.summary) against a real MLflow store holding two finished studies, written with plain MLflow
-calls; the expected figures come from scipy and numpy on the numbers put in."""
+"""`kn-dist summary` (kn_dist.summary) against a real MLflow store holding two finished studies, written
+with plain MLflow calls; the expected figures come from scipy and numpy on the numbers put in."""
 
 from __future__ import annotations
 
