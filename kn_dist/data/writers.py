@@ -332,22 +332,26 @@ def write_train_plus_val(
     compress_probability: float = 1.0,
 ) -> Path:
     """`<out_dir>/trainval.beton`: the train and val splits together, for final runs that train on both
-    (a study's `final_train_on: train+val`). The test split stays out. Written once, then reused."""
+    (a study's `final_train_on: train+val`). The test split stays out. Written once, then reused; an
+    imagefolder directory already written keeps its own encoding (splits.json), and `image_size` applies
+    to digits and synthetic only (an image folder's images keep their size)."""
     path = Path(out_dir).resolve() / "trainval.beton"
     if path.exists():
         open_beton(path)
         return path
+    encoding = {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_probability": compress_probability}
+    if name == "imagefolder":
+        image_size = None
+        encoding = (read_splits_file(Path(out_dir).resolve()) or {}).get("encoding", encoding)
+        max_side, jpeg_quality = encoding["max_side"], encoding["jpeg_quality"]
+        compress_probability = encoding["compress_probability"]
     write_dataset(
         name,
         out_dir,
         source_dir=source_dir,
         image_size=image_size,
         val_fraction=val_fraction,
-        **(
-            {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_probability": compress_probability}
-            if name == "imagefolder"
-            else {}
-        ),
+        **(encoding if name == "imagefolder" else {}),
     )
     plans, _ = plan_splits(
         name, source_dir=source_dir, num_samples=None, image_size=image_size, val_fraction=val_fraction

@@ -20,8 +20,9 @@ from data_helpers import GOLDEN, M64, sm64, to_uint8_hwc
 from imagefolder_helpers import write_digit_jpegs
 from PIL import Image
 
+from kn_dist.cli import main
 from kn_dist.config import DataConfig, ProgressiveResizing
-from kn_dist.data import eval_loader, train_loader, write_dataset
+from kn_dist.data import eval_loader, train_loader, write_dataset, write_train_plus_val
 from kn_dist.data.beton import open_beton
 from kn_dist.data.imagenet_pipeline import ramp_resolution
 from kn_dist.data.sources import imagefolder_pools
@@ -88,6 +89,12 @@ def test_jpeg_share_is_recorded_reproducible_and_decodes(written, tmp_path):
     assert np.array_equal(open_beton(again.train).metadata["image"]["mode"], modes["t"])
     with pytest.raises(UserError, match="was written with"):
         write_dataset("imagefolder", paths.train.parent, source_dir=source, max_side=MAX_SIDE, compress_probability=0.1)
+    # A study's train+val file keeps the directory's encoding: each image stored as it is in its split.
+    trainval = write_train_plus_val("imagefolder", paths.train.parent, source_dir=source, image_size=32)
+    assert np.array_equal(open_beton(trainval).metadata["image"]["mode"], np.concatenate([modes["t"], modes["v"]]))
+    for bad in (["--compress-probability", "1.5"], ["--jpeg-quality", "0"]):
+        assert main(["data", "write", "imagefolder", "--source", str(source), "--out", str(tmp_path / "x"), *bad]) == 2
+    assert main(["data", "write", "digits", "--out", str(tmp_path / "d"), "--compress-probability", "0.5"]) == 2
 
 
 def test_seeded_random_resized_crops_with_progressive_resizing(written):
