@@ -311,7 +311,8 @@ def _train_and_validate(
         mixer=run.mixer,
         ema=run.ema,
     )
-    time.sleep(1e9 if fail_mid_epoch == "hang" else 0)  # hang: the other ranks wait in their next collective
+    while fail_mid_epoch == "hang":  # the other ranks wait in their next collective until this rank's node dies
+        time.sleep(1)
     if fail_mid_epoch:
         raise RuntimeError("fault drill: this rank fails mid-epoch (LoopConfig.fail_after_epoch)")
     if world > 1 and not cfg.scaling.sync_bn:
