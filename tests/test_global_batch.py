@@ -84,12 +84,18 @@ def test_accumulated_micro_batches_take_the_global_batch_step(tmp_path):
                 p -= 0.1 * velocity[n]
     micro = [(x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]) for i in range(4)]
     plain = _train(copy.deepcopy(start), micro, accumulation=2)
-    # The same through DDP (a one-process gloo group): the first micro-batch of a step runs under no_sync.
+    # The same through DDP (a one-process gloo group), whose gradients are all-reduced once per optimizer step:
+    # the first micro-batch of a step runs under no_sync (counted by a communication hook).
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        ddp = _train(nn.parallel.DistributedDataParallel(copy.deepcopy(start)), micro, accumulation=2)
+        model, reductions = nn.parallel.DistributedDataParallel(copy.deepcopy(start)), []
+        model.register_comm_hook(None, lambda state, bucket: reductions.append(1) or allreduce_hook(state, bucket))
+        ddp = _train(model, micro, accumulation=2)
     finally:
         dist.destroy_process_group()
+    assert len(reductions) == 2, f"{len(reductions)} all-reduces for 2 optimizer steps (one bucket each)"
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(plain[name], value, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -180,3 +180,28 @@ def test_progressive_ramp_is_ffcv_imagenets(epochs, start, end, low, high):
     ramp = ProgressiveResizing(min_res=low, max_res=high, start_ramp=start, end_ramp=end)
     for epoch in range(epochs):
         assert ramp_resolution(epoch, ramp) == _ffcv_get_resolution(epoch, low, high, end, start), epoch
+
+
+def test_every_side_of_the_ramp_is_checked_before_training(written, tmp_path):
+    from kn_dist import config
+    from kn_dist.prepare import prepare_config
+
+    _, paths = written
+    raw = {
+        "epochs": 4,
+        "data": {
+            "dataset": "imagefolder",
+            "train_path": str(paths.train),
+            "val_path": str(paths.val),
+            "image_size": 128,
+            "batch_size": 8,
+            "progressive": {"min_res": 64, "max_res": 128, "start_ramp": 0, "end_ramp": 3},
+        },
+        "model": {"name": "knresnet18"},  # its geometry needs >= 96 px
+        "checkpoint": {"storage_path": str(tmp_path / "runs")},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    with pytest.raises(UserError, match="cannot be built for 64x64 inputs"):
+        prepare_config(config.from_dict(raw))
+    raw["data"]["progressive"]["min_res"] = 96  # 96, 128 (ramp rounds to multiples of 32): both fine
+    assert prepare_config(config.from_dict(raw)).data.progressive.min_res == 96
