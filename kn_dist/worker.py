@@ -310,6 +310,7 @@ def _train_and_validate(
         channels_last=cfg.channels_last,
         mixer=run.mixer,
         ema=run.ema,
+        accumulation_steps=run.loaders["train"].accumulation,
     )
     while fail_mid_epoch == "hang":  # the other ranks wait in their next collective until this rank's node dies
         time.sleep(1)
@@ -333,6 +334,7 @@ def _train_and_validate(
         "images_per_s": train["images"] / max(train["seconds"], 1e-9),
         "peak_mem_mb": peak,
         **({"val_loss_raw": raw["loss"], "val_top1_raw": raw["top1"]} if raw else {}),  # with EMA: the trained weights
+        **run.loaders["train"].epoch_facts(),  # its side (progressive resizing), world size and accumulation
     }
 
 
