@@ -19,6 +19,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ProgressiveResizing(_Strict):
+    """Training resolution per epoch (ffcv-imagenet's resolution schedule; imagefolder only): `min_res` up
+    to epoch `start_ramp`, `max_res` from `end_ramp` on, linear in between rounded to a multiple of `step`.
+    Epochs count from 0 here, as in ffcv-imagenet's configs (kn_dist's epoch e is their e - 1)."""
+
+    min_res: int = Field(160, gt=0)
+    max_res: int = Field(192, gt=0)
+    start_ramp: int = Field(0, ge=0)
+    end_ramp: int = Field(0, ge=0)
+    step: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProgressiveResizing:
+        if self.min_res > self.max_res or self.start_ramp > self.end_ramp:
+            raise ValueError(
+                f"data.progressive needs min_res <= max_res and start_ramp <= end_ramp, got {self.min_res}, "
+                f"{self.max_res} and {self.start_ramp}, {self.end_ramp}"
+            )
+        return self
+
+
 class DataConfig(_Strict):
     """Where the .beton files are and how the FFCV loaders read them."""
 
@@ -54,6 +75,13 @@ class DataConfig(_Strict):
     order: Literal["random", "quasi_random"] = "random"
     os_cache: bool = True
     batches_ahead: int = Field(3, ge=1)
+    # ImageNet-style data (imagefolder; kn_dist.data.imagenet_pipeline): training crops are seeded
+    # RandomResizedCrops; evaluation is a centre crop of val_crop_ratio x the short side resized to
+    # val_image_size (default image_size); 224/256 = torchvision's Resize(256) + CenterCrop(224).
+    val_image_size: int | None = Field(None, gt=0)
+    val_crop_ratio: float = Field(224 / 256, gt=0, le=1)
+    progressive: ProgressiveResizing | None = None  # training resolution per epoch; None: image_size throughout
+    tta_flip: bool = False  # evaluate on the mean logits of each image and its mirror (ffcv-imagenet's lr_tta)
 
     @model_validator(mode="after")
     def _augmentation(self) -> DataConfig:
@@ -101,7 +129,8 @@ class OptimConfig(_Strict):
 
 
 class ScheduleConfig(_Strict):
-    name: Literal["cosine", "onecycle", "multistep", "constant"] = "cosine"
+    # linear: warm-up, then a straight line to min_lr at the end (ffcv-imagenet's "cyclic" schedule)
+    name: Literal["cosine", "onecycle", "multistep", "constant", "linear"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
     milestones: list[int] = Field(default_factory=list)  # multistep, in epochs
     gamma: float = Field(0.1, gt=0)  # multistep factor
@@ -121,6 +150,13 @@ class ScalingConfig(_Strict):
     # SyncBatchNorm over all workers: BN statistics of the global batch, so a recipe scaled to more
     # workers keeps its BN batch. Off by default: the published recipes are single-GPU (experiments/README.md).
     sync_bn: bool = False
+    # The batch of one optimizer step, kept on any world size by gradient accumulation
+    # (kn_dist.data.global_batch): batch_size stays per worker, accumulation = global / (batch_size x workers).
+    # None: batch_size x num_workers, no accumulation.
+    global_batch_size: int | None = Field(None, gt=0)
+    # Elastic: Ray Train starts (and after a lost node restarts) the run on as many workers as the cluster
+    # holds, between min_workers and num_workers; needs global_batch_size. None: always num_workers.
+    min_workers: int | None = Field(None, ge=1)
     # A one-worker `kn-dist train` on this machine (local Ray, local storage) runs its loop in the kn-dist
     # process itself, without Ray (kn_dist.in_process): same checkpoints and MLflow records, ~30 s less
     # start-up. false: always under Ray Train (a worker actor; e.g. to exercise NCCL on one GPU).
@@ -170,7 +206,33 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"schedule.min_lr {self.schedule.min_lr} must be below optim.lr {self.optim.lr}")
         if self.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("precision fp16 needs scaling.use_gpu=true; on CPU use precision=bf16")
+        self._check_imagenet_options()
+        self._check_global_batch()
         return self
+
+    def _check_imagenet_options(self) -> None:
+        data = self.data
+        if data.progressive is not None and data.dataset != "imagefolder":
+            raise ValueError(f"data.progressive resizes imagefolder crops; dataset {data.dataset!r} has a fixed size")
+        if data.progressive is not None and data.cutout >= data.progressive.min_res:
+            raise ValueError(f"data.cutout {data.cutout} must be smaller than data.progressive.min_res")
+
+    def _check_global_batch(self) -> None:
+        scaling, batch = self.scaling, self.data.batch_size
+        if scaling.min_workers is not None and scaling.min_workers > scaling.num_workers:
+            raise ValueError(f"scaling.min_workers {scaling.min_workers} exceeds scaling.num_workers")
+        if scaling.min_workers is not None and scaling.global_batch_size is None:
+            raise ValueError("scaling.min_workers (elastic) needs scaling.global_batch_size: the batch to keep")
+        if scaling.global_batch_size is None:
+            return
+        if self.data.order == "quasi_random":
+            raise ValueError("scaling.global_batch_size orders samples itself; set data.order=random")
+        for workers in {scaling.num_workers, scaling.min_workers or scaling.num_workers}:
+            if scaling.global_batch_size % (batch * workers):
+                raise ValueError(
+                    f"scaling.global_batch_size {scaling.global_batch_size} must be a multiple of data.batch_size "
+                    f"{batch} x {workers} workers = {batch * workers} (the rest is gradient accumulation)"
+                )
 
 
 def _describe(err: ValidationError) -> str:

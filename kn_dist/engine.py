@@ -51,7 +51,8 @@ def lr_factor(step: int, cfg: ScheduleConfig, base_lr: float, epochs: int, steps
     Warm-up rises linearly to 1 over `warmup_epochs` (first step already > 0). After it:
     cosine decays to min_lr; onecycle is a cosine rise (over warmup_epochs, default 30 % of the
     run as torch's OneCycleLR pct_start) then a cosine fall to min_lr; multistep multiplies by
-    gamma at each milestone epoch; constant stays at 1.
+    gamma at each milestone epoch; constant stays at 1; linear falls in a straight line to min_lr at
+    the last step (ffcv-imagenet's triangular "cyclic" schedule, the warm-up being its rise).
     """
     total = max(1, epochs * steps_per_epoch)
     floor = cfg.min_lr / base_lr
@@ -69,6 +70,8 @@ def lr_factor(step: int, cfg: ScheduleConfig, base_lr: float, epochs: int, steps
     if cfg.name == "cosine":
         t = min(1.0, (step - warm) / max(1, total - warm))
         return floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2
+    if cfg.name == "linear":
+        return 1 - (1 - floor) * min(1.0, (step - warm) / max(1, total - warm))
     if cfg.name == "multistep":
         epoch = step // steps_per_epoch
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
@@ -169,11 +172,14 @@ def train_epoch(
     channels_last: bool = False,
     mixer: BatchMixer | None = None,
     ema: ModelEma | None = None,
+    accumulation_steps: int = 1,
 ) -> dict[str, float]:
     """One pass over `loader`; returns global mean loss, top-1 (fraction), images and seconds.
 
     `mixer` mixes each batch (mixup / cutmix, drawn from the loader's epoch and the batch's index in it; top-1
-    still counts each image's own label); `ema` is updated after every optimizer step.
+    still counts each image's own label); `ema` is updated after every optimizer step. With
+    `accumulation_steps` A > 1, one optimizer step follows every A batches, on the mean of their losses
+    (kn_dist.data.global_batch); a DDP model all-reduces on the last of the A backward passes only.
     """
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -182,29 +188,34 @@ def train_epoch(
     if mixer is not None:  # the loader's 0-based epoch counter (kn_dist.data's loaders), where it has one
         mixer.epoch = getattr(loader, "next_epoch", mixer.epoch)
     start = time.perf_counter()
+    no_sync = getattr(model, "no_sync", None)  # DDP (also under torch.compile)
     for step, (images, labels) in enumerate(loader):
         mix = None
         if mixer is not None:
             images, mix = mixer(images, step)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(precision, device):
-            outputs = model(images)
-            targets = labels
-            if mix is not None and mix.kind != "none":
-                classes = (outputs[0] if isinstance(outputs, tuple) else outputs).shape[-1]
-                targets = mix_targets(labels, mix, classes)
-            loss = classification_loss(outputs, targets, label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update()
+        stepping = (step + 1) % accumulation_steps == 0
+        if step % accumulation_steps == 0:
+            optimizer.zero_grad(set_to_none=True)
+        with nullcontext() if stepping or no_sync is None else no_sync():
+            with autocast(precision, device):
+                outputs = model(images)
+                targets = labels
+                if mix is not None and mix.kind != "none":
+                    classes = (outputs[0] if isinstance(outputs, tuple) else outputs).shape[-1]
+                    targets = mix_targets(labels, mix, classes)
+                loss = classification_loss(outputs, targets, label_smoothing)
+            scaler.scale(loss / accumulation_steps).backward()
+        if stepping:
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update()
         # Accumulate on device: no host sync per step.
         n = labels.shape[0]
         loss_sum += loss.detach().double() * n
@@ -231,12 +242,14 @@ def evaluate(
     precision: str = "fp32",
     channels_last: bool = False,
     examples: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    tta_flip: bool = False,
 ) -> dict[str, float]:
     """Global mean cross-entropy and top-1 over `loader` (summed over ranks).
 
     Each rank must see a disjoint shard of the validation set for the figures to count every
     sample once; kn_dist.data's validation loader is built that way. `examples`, if given, receives this
-    rank's (correct, label) per batch on the CPU: a final's per-example test record.
+    rank's (correct, label) per batch on the CPU: a final's per-example test record. `tta_flip`: the logits
+    are the mean of the image's and its horizontal mirror's (ffcv-imagenet's test-time augmentation).
     """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -247,6 +260,8 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(precision, device):
             logits = _logits(model(images))
+            if tta_flip:
+                logits = (logits + _logits(model(images.flip(3)))) / 2
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         right = logits.argmax(1) == labels
         correct += right.sum()

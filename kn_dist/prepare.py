@@ -83,12 +83,22 @@ def prepare_config(cfg: ExperimentConfig, *, address: str | None = None) -> Expe
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     cfg.model.norm, cfg.model.num_classes = norm, found["num_classes"]
 
-    error = model_build_error(cfg, cfg.model.num_classes)
-    if error:
-        raise UserError(
-            f"model {cfg.model.name!r} (norm {norm!r}, kwargs {cfg.model.kwargs}) cannot be built for "
-            f"{cfg.data.image_size}x{cfg.data.image_size} inputs: {error}"
-        )
+    # Every side the model will see: image_size, and for imagefolder each progressive-resizing and eval side.
+    from kn_dist.data.imagenet_pipeline import resolutions
+
+    sides = resolutions(cfg.data, cfg.epochs) if cfg.data.dataset == "imagefolder" else []
+    for side in [cfg.data.image_size, *(s for s in sides if s != cfg.data.image_size)]:
+        sized = cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": side})})
+        error = model_build_error(sized, cfg.model.num_classes)
+        if error:
+            raise UserError(
+                f"model {cfg.model.name!r} (norm {norm!r}, kwargs {cfg.model.kwargs}) cannot be built for "
+                f"{side}x{side} inputs: {error}"
+            )
+    if cfg.scaling.global_batch_size is not None:
+        from kn_dist.data.global_batch import check_global_batch
+
+        check_global_batch(cfg.scaling.global_batch_size, found["train_size"])
 
     if not _is_uri(cfg.checkpoint.storage_path):
         cfg.checkpoint.storage_path = str(Path(cfg.checkpoint.storage_path).expanduser().resolve())

@@ -131,7 +131,10 @@ def package_versions() -> dict[str, str]:
 def derived_params(cfg: ExperimentConfig) -> dict[str, str]:
     """Params that follow from the config but are worth reading at a glance in the MLflow UI.
 
-    `derived.global_batch_size`: the batch one optimizer step sees (batch_size is per worker, DESIGN.md §9).
+    `derived.global_batch_size`: the batch one optimizer step sees (batch_size is per worker, DESIGN.md §9;
+    scaling.global_batch_size when set, kept on any world size by gradient accumulation).
+    `derived.lr_per_256`: optim.lr x 256 / global batch, the rate the linear scaling rule compares
+    (Goyal et al. 2017: 0.1 per 256 images for ImageNet ResNets).
     `derived.kn_eval`: how KernelNorm evaluates — "deterministic" (kn_dist's default) or "stochastic"
     (dropout on the statistics left on in eval, as the official code and its published accuracies).
     """
@@ -139,8 +142,10 @@ def derived_params(cfg: ExperimentConfig) -> dict[str, str]:
     kn_eval = "n/a"
     if is_kn(norm):
         kn_eval = "stochastic" if cfg.model.kwargs.get("kn_eval_dropout") else "deterministic"
+    global_batch = cfg.scaling.global_batch_size or cfg.data.batch_size * cfg.scaling.num_workers
     return {
-        "derived.global_batch_size": str(cfg.data.batch_size * cfg.scaling.num_workers),
+        "derived.global_batch_size": str(global_batch),
+        "derived.lr_per_256": f"{cfg.optim.lr * 256 / global_batch:.6g}",
         "derived.kn_eval": kn_eval,
     }
 
@@ -267,17 +272,20 @@ def param_differences(client: MlflowClient, run_id: str, cfg: ExperimentConfig) 
     """Config keys whose value differs from the params the run was started with.
 
     scaling.num_workers counts: batch_size is per worker, so another world size is another global batch
-    (another experiment), and `kn-dist train --resume` refuses it with this list. Where the loop runs
-    (`EXECUTION_ONLY`) does not change the experiment and may differ.
+    (another experiment), and `kn-dist train --resume` refuses it with this list; unless
+    scaling.global_batch_size fixes the global batch, which accumulation keeps on any world size: then a
+    run may continue on fewer (or more) workers (`WORLD_KEYS`). Where the loop runs (`EXECUTION_ONLY`)
+    does not change the experiment and may differ.
     """
     logged = client.get_run(run_id).data.params
-    return sorted(
-        k for k, v in to_flat_dict(cfg).items() if k in logged and logged[k] != str(v) and k not in EXECUTION_ONLY
-    )
+    free = EXECUTION_ONLY | (WORLD_KEYS if cfg.scaling.global_batch_size is not None else frozenset())
+    return sorted(k for k, v in to_flat_dict(cfg).items() if k in logged and logged[k] != str(v) and k not in free)
 
 
 # Config keys that say how a run executes, not what it computes: a resume may change them.
 EXECUTION_ONLY = frozenset({"scaling.in_process"})
+# With a fixed global batch, the world a run continues on is execution too (metric world_size records it).
+WORLD_KEYS = frozenset({"scaling.num_workers", "scaling.min_workers", "scaling.placement_strategy"})
 
 
 def logged_epochs(client: MlflowClient, run_id: str, key: str = "val_top1") -> set[int]:

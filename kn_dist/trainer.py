@@ -65,7 +65,9 @@ def build_torch_trainer(loop: LoopConfig, *, run_name: str, storage_path: str, c
         train_loop_config=loop.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
+            # Elastic (min_workers): Ray Train starts on what the cluster holds and, after a lost node,
+            # restarts from the last checkpoint on the remaining workers; the global batch stays fixed.
+            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
             placement_strategy=scaling.placement_strategy,

@@ -60,6 +60,7 @@ class LoopConfig(BaseModel):
     # checkpoint runs through. For tests and rehearsals.
     fail_after_epoch: int | None = Field(None, ge=1)
     fail_rank: int = Field(0, ge=0)
+    fail_mode: Literal["raise", "hang"] = "raise"  # hang: stall until the rank's node dies (test_imagenet_cluster)
     # A checkpoint folder (path or URI) to start from when Ray Train holds none as new: the run's own
     # latest, which a run begun in the driver's process (kn_dist.in_process) wrote without Ray.
     resume_from: str | None = None
@@ -184,8 +185,8 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
     test_open = loop.evaluate_test and not broadcast_flag(tracker is not None and tracker.test_logged(), world)
     begin = time.perf_counter()
     for epoch in range(start_epoch, last + 1):
-        drill = loop.fail_after_epoch is not None and epoch == loop.fail_after_epoch + 1 and start_epoch == 1
-        metrics = _train_and_validate(run, cfg, device, world, fail_mid_epoch=drill and rank == loop.fail_rank)
+        drill = (loop.fail_after_epoch, loop.fail_rank, start_epoch) == (epoch - 1, rank, 1)  # on a fresh run only
+        metrics = _train_and_validate(run, cfg, device, world, fail_mid_epoch=loop.fail_mode if drill else None)
         mark("first_epoch_done")
         if tracker is not None:
             tracker.log_epoch(epoch, metrics)
@@ -245,15 +246,16 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     evaluated = (torch.compile(ema.module) if cfg.compile else ema.module) if ema is not None else evaluated
     seed_all(cfg.seed + 1000 * rank)  # a per-rank stream: dropout masks differ between ranks
 
-    # FFCV shards itself (distributed=True); built once per worker, after the process group exists.
+    # FFCV shards itself (distributed=True, or a fixed global batch's order); built once, after the process group.
+    train = {"seed": cfg.seed, "channels_last": cfg.channels_last, "global_batch": cfg.scaling.global_batch_size}
     loaders = {
-        "train": data.train_loader(cfg.data, rank, world, device, seed=cfg.seed, channels_last=cfg.channels_last),
+        "train": data.train_loader(cfg.data, rank, world, device, **train),
         "val": data.eval_loader(cfg.data, rank, world, device, split="val", channels_last=cfg.channels_last),
     }
     if evaluate_test:  # final runs only: sweep trials never open the test split (DESIGN.md §8)
         loaders["test"] = data.eval_loader(cfg.data, rank, world, device, split="test", channels_last=cfg.channels_last)
     mark("loaders_built")
-    steps = len(loaders["train"])
+    steps = len(loaders["train"]) // loaders["train"].accumulation  # optimizer steps
     optimizer = engine.build_optimizer(net, cfg.optim)
     scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, steps)
     scaler = engine.build_scaler(cfg.precision, device)
@@ -290,7 +292,7 @@ def _restore(checkpoint: Any | None, run: _Run, cfg: ExperimentConfig, rank: int
 
 
 def _train_and_validate(
-    run: _Run, cfg: ExperimentConfig, device: torch.device, world: int, *, fail_mid_epoch: bool = False
+    run: _Run, cfg: ExperimentConfig, device: torch.device, world: int, *, fail_mid_epoch: str | None = None
 ) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -308,7 +310,10 @@ def _train_and_validate(
         channels_last=cfg.channels_last,
         mixer=run.mixer,
         ema=run.ema,
+        accumulation_steps=run.loaders["train"].accumulation,
     )
+    while fail_mid_epoch == "hang":  # the other ranks wait in their next collective until this rank's node dies
+        time.sleep(1)
     if fail_mid_epoch:
         raise RuntimeError("fault drill: this rank fails mid-epoch (LoopConfig.fail_after_epoch)")
     if world > 1 and not cfg.scaling.sync_bn:
@@ -329,6 +334,7 @@ def _train_and_validate(
         "images_per_s": train["images"] / max(train["seconds"], 1e-9),
         "peak_mem_mb": peak,
         **({"val_loss_raw": raw["loss"], "val_top1_raw": raw["top1"]} if raw else {}),  # with EMA: the trained weights
+        **run.loaders["train"].epoch_facts(),  # its side (progressive resizing), world size and accumulation
     }
 
 
@@ -358,7 +364,12 @@ def _save_and_report(session: Session, report: dict[str, Any], run: _Run, epoch:
 
 
 def _eval_args(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
-    return {"device": device, "precision": cfg.precision, "channels_last": cfg.channels_last}
+    return {
+        "device": device,
+        "precision": cfg.precision,
+        "channels_last": cfg.channels_last,
+        "tta_flip": cfg.data.tta_flip,
+    }
 
 
 def _format_progress(epoch: int, epochs: int, m: dict[str, float], elapsed: float, done: int) -> str:

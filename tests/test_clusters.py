@@ -236,3 +236,46 @@ def test_kuberay_head_published_outside_kubernetes(tmp_path):
     raw["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
     with pytest.raises(UserError, match="serviceType 'LoadBalancer'"):
         validate_cluster_yaml(_write(tmp_path, raw))
+
+
+# --- ImageNet across nodes (issue 26) ------------------------------------------------------------------
+
+
+def _gpu8_capacity(raw: dict) -> tuple[int, float]:
+    """(8-GPU nodes the cluster can grow to, CPUs of such a node) of a `ray up` file or a KubeRay manifest."""
+    if raw.get("kind") == "RayCluster":
+        groups = [g for g in raw["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu8"]
+        limits = groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        return sum(g["maxReplicas"] for g in groups), float(limits["cpu"])
+    types = [t for t in raw["available_node_types"].values() if t["resources"].get("GPU") == 8]
+    return sum(t["max_workers"] for t in types), min(float(t["resources"]["CPU"]) for t in types)
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", "kuberay-raycluster.yaml"])
+def test_imagenet_studies_fit_two_8gpu_nodes_that_share_the_data(name):
+    from kn_dist import config
+
+    raw = yaml.safe_load((CLUSTERS / name).read_text())
+    nodes, cpus = _gpu8_capacity(raw)
+    for depth in (18, 34, 50):
+        study = yaml.safe_load(
+            (CLUSTERS.parent / "experiments" / "studies" / f"imagenet_resnet{depth}.yaml").read_text()
+        )
+        scaling = config.from_dict({k: v for k, v in study.items() if k not in ("tune", "study")}).scaling
+        assert scaling.num_workers > 8 and nodes * 8 >= scaling.num_workers, f"{name}: a run spans 8-GPU nodes"
+        assert 8 * scaling.cpus_per_worker <= cpus, f"{name}: eight workers' CPUs fit one gpu8 node"
+    # One copy of the data for every node: a shared filesystem at /mnt/kn_dist, named by KN_DIST_SHARED_DATA.
+    if name == "kuberay-raycluster.yaml":
+        specs = [raw["spec"]["headGroupSpec"]["template"]["spec"]]
+        specs += [g["template"]["spec"] for g in raw["spec"]["workerGroupSpecs"]]
+        for spec in specs:
+            claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+            assert claims.get("shared-data") == "kn-dist-shared"
+            ray_container = spec["containers"][0]
+            assert {"name": "shared-data", "mountPath": "/mnt/kn_dist"} in ray_container["volumeMounts"]
+            assert {"name": "KN_DIST_SHARED_DATA", "value": "/mnt/kn_dist/data"} in ray_container["env"]
+    else:
+        mount = " ".join(raw["initialization_commands"])  # on the VM, before Docker starts
+        assert re.search(r"mount -t nfs4? .* /mnt/kn_dist", mount), mount
+        assert "--volume=/mnt/kn_dist:/mnt/kn_dist" in raw["docker"]["run_options"]
+        assert "KN_DIST_SHARED_DATA=/mnt/kn_dist/data" in " ".join(raw["setup_commands"])

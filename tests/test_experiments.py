@@ -119,6 +119,64 @@ def test_study_loads_and_passes_the_validator(path):
     assert (study.spec.alpha, study.spec.delta) == (0.05, 0.5)
     if "digits" not in path.stem:
         assert scheduler_and_search(study) == ("halving", "random")
-    assert study.base.data.dataset == ("digits" if "digits" in path.stem else path.stem.rsplit("_", 1)[1])
+    dataset = path.stem.rsplit("_", 1)[1]
+    if "digits" in path.stem or path.stem.startswith("imagenet_"):
+        dataset = "digits" if "digits" in path.stem else "imagefolder"
+    assert study.base.data.dataset == dataset
     validate_sweep(study.sweep)
     assert f"studies/{path.name}" in (EXPERIMENTS / "README.md").read_text(), "the study plan lists every study"
+
+
+# ---------------------------------------------------------------------------------------------------
+# ImageNet (issue 26): the paper's ImageNet recipe and ffcv-imagenet's fast one, data-parallel on >= 8 GPUs
+
+IMAGENET = sorted((EXPERIMENTS / "imagenet").glob("*.yaml"))
+PAPER_TOP1 = {"resnet18": (70.28, 71.17), "resnet34": (73.99, 74.60), "resnet50": (76.41, 76.54)}  # BN, KN
+
+
+def test_imagenet_recipes_pair_each_resnet_with_its_knresnet():
+    from kn_dist.tracking import derived_params
+
+    pairs: dict[str, set[str]] = {}
+    for path in IMAGENET:
+        cfg = config.load(path)
+        info = model_info(cfg.model.name)
+        assert cfg.data.dataset == "imagefolder" and info.input_size == 224, f"{path.name}: the 224 px entrypoint"
+        assert cfg.model.norm in ("bn", "kn") and cfg.model.name in PAPER_TOP1, path.name
+        # >= 8 GPUs, the global batch and the lr for it written out, and what MLflow records of them.
+        scaling = cfg.scaling
+        assert scaling.use_gpu and scaling.num_workers >= 8 and scaling.min_workers is not None, path.name
+        assert scaling.global_batch_size == cfg.data.batch_size * scaling.num_workers, "no accumulation at full size"
+        derived = derived_params(cfg)
+        assert derived["derived.global_batch_size"] == str(scaling.global_batch_size)
+        header = path.read_text()
+        bn, kn = PAPER_TOP1[cfg.model.name]
+        assert f"{kn:.2f}" in header and f"{bn:.2f}" in header, f"{path.name}: the published figures"
+        if path.stem.startswith("fast_"):
+            assert "ffcv-imagenet" in header and cfg.data.progressive is not None and cfg.data.tta_flip
+            assert scaling.num_workers > 8, "the studies' recipe spans two 8-GPU nodes"
+        else:  # the paper's: norm-torch's torchvision defaults, 0.1 per 256 images
+            assert "norm-torch" in header and cfg.epochs == 100 and float(derived["derived.lr_per_256"]) == 0.1
+            assert cfg.data.image_size == cfg.data.val_image_size == 224 and cfg.data.val_crop_ratio == 224 / 256
+        pairs.setdefault(path.stem.rsplit("_", 1)[0], set()).add(cfg.model.norm)
+    assert pairs == {f"{p}resnet{d}": {"bn", "kn"} for p in ("", "fast_") for d in (18, 34, 50)}
+    for path in IMAGENET:  # bn and kn files differ only in the norm and the run name
+        if path.stem.endswith("_kn"):
+            kn = config.to_flat_dict(config.load(path))
+            bn = config.to_flat_dict(config.load(path.with_name(path.name.replace("_kn", "_bn"))))
+            assert {k for k in kn if kn[k] != bn.get(k)} == {"name", "model.norm"}, path.name
+
+
+def test_imagenet_studies_run_every_trial_across_nodes():
+    readme = (EXPERIMENTS / "README.md").read_text()
+    for depth in (18, 34, 50):
+        path = EXPERIMENTS / "studies" / f"imagenet_resnet{depth}.yaml"
+        raw = yaml.safe_load(path.read_text())
+        cfg = config.from_dict({k: v for k, v in raw.items() if k not in ("tune", "study")})
+        assert cfg.data.dataset == "imagefolder" and cfg.model.name == f"resnet{depth}"
+        assert cfg.scaling.num_workers >= 16 and cfg.scaling.min_workers >= 8 and cfg.scaling.use_gpu
+        assert cfg.scaling.global_batch_size is not None and raw["study"]["seeds"]["min"] >= 3
+        assert raw["tune"]["architectures"][0]["norms"] == ["bn", "kn"]
+        assert f"studies/imagenet_resnet{depth}.yaml" in readme
+    assert all(f"imagenet/{p.name}" in readme for p in IMAGENET if not p.stem.startswith("fast_"))
+    assert "imagenet/fast_resnet{18,34,50}_{bn,kn}.yaml" in readme

@@ -12,6 +12,8 @@ excluded by a warm-up epoch on each side.
     `kn_dist.data.loaders` with `data.randaugment_ops: 2` (kn_dist.data.strong_augment: batched torch ops).
 ratio = FFCV images/s over the PyTorch loader's; target: >= 8 for (a), >= 3 for (b) (issue 5), >= 3 for (c)
 (issue 25).
+(d) ImageNet per core (kn_dist.bench.data_imagenet, issue 26): 512 px JPEGs, decode + seeded RandomResizedCrop(224)
+    + flip on one loader thread vs FFCV's published per-vCPU figure; target >= 1.0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from kn_dist.bench.data_imagenet import case_imagenet_per_core
 from kn_dist.config import DataConfig
 from kn_dist.data import loaders, write_dataset
 from kn_dist.data.catalog import DATASETS, IMAGENET_MEAN, IMAGENET_STD
@@ -172,6 +175,8 @@ def run(quick: bool = False) -> dict:
         cifar = _case_cifar(Path(tmp), 5_000 if quick else 20_000, repeats, batch=512)
         strong = _case_cifar(Path(tmp), 5_000 if quick else 20_000, repeats, batch=512, randaugment=2)
         jpeg = _case_jpeg(Path(tmp), 256 if quick else 1_024, repeats, batch=64)
+        imagenet = case_imagenet_per_core(Path(tmp), 128 if quick else 1_024, repeats)
     cifar["target"], strong["target"], jpeg["target"] = 8.0, 3.0, 3.0
     common = {"num_workers": NUM_WORKERS, "device": "cpu", "torch_threads": torch.get_num_threads()}
-    return {"cases": [{**cifar, **common}, {**strong, **common}, {**jpeg, **common}]}
+    cases = [{**cifar, **common}, {**strong, **common}, {**jpeg, **common}, {**imagenet, "device": "cpu"}]
+    return {"cases": cases}

@@ -5,7 +5,8 @@
 Modules: catalog (dataset facts), sources (where images come from), splits (which samples go to
 train / val / test), writers, beton (reading/validating files), checks, augment (seeded
 augmentation), randaugment + strong_augment (RandAugment / AutoAugment, colour jitter, random erasing,
-seeded alike), loaders.
+seeded alike), imagenet_pipeline (seeded RandomResizedCrop decoding, centre-crop eval, progressive
+resizing), global_batch (a global batch kept on any world size), loaders.
 """
 
 from kn_dist.data.beton import inspect_beton, open_beton

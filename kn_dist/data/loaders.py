@@ -27,10 +27,10 @@ from kn_dist.data.augment import RepeatedPasses, SeededAugment, SeededLoader
 from kn_dist.data.beton import Beton
 from kn_dist.data.catalog import spec
 from kn_dist.data.checks import check_data_for_workers, open_splits
+from kn_dist.data.global_batch import GlobalOrder, accumulation_steps
+from kn_dist.data.imagenet_pipeline import ScheduledLoader, eval_decoder, resolution_at, train_decoder
 from kn_dist.errors import UserError
 
-# Validation centre crop for variable-resolution (ImageNet-style) data: resize-224-of-256 convention.
-CENTER_CROP_RATIO = 224 / 256
 MAX_DEFAULT_WORKERS = 8
 
 
@@ -56,16 +56,10 @@ def default_num_workers() -> int:
 
 
 def _pipelines(data_cfg: DataConfig, beton: Beton, device: torch.device, channels_last: bool, train: bool, seed: int):
-    from ffcv.fields.decoders import (
-        CenterCropRGBImageDecoder,
-        IntDecoder,
-        RandomResizedCropRGBImageDecoder,
-        SimpleRGBImageDecoder,
-    )
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
 
     s = spec(data_cfg.dataset)
-    size = data_cfg.image_size
     mean255 = tuple(255.0 * m for m in s.mean)
     if data_cfg.normalization == "unit":  # x / 255 only, as the KernelNorm paper trains its KN models
         mean, std = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
@@ -82,10 +76,10 @@ def _pipelines(data_cfg: DataConfig, beton: Beton, device: torch.device, channel
     }
     if fixed:
         image: list = [SimpleRGBImageDecoder()]
-    elif train:  # variable resolution: ImageNet-style crops inside the decoder (FFCV's own RNG, not seeded)
-        image = [RandomResizedCropRGBImageDecoder((size, size))]
-    else:
-        image = [CenterCropRGBImageDecoder((size, size), ratio=CENTER_CROP_RATIO)]
+    elif train:  # variable resolution: seeded RandomResizedCrop inside the decoder (imagenet_pipeline)
+        image = [train_decoder(data_cfg, seed)]
+    else:  # centre crop of data.val_crop_ratio x the short side, at the evaluation side
+        image = [eval_decoder(data_cfg)]
     label: list = [IntDecoder(), ToTensor()]
     if train and strong_augment.enabled(data_cfg):  # RandAugment & co.: one StrongAugment op on both paths
         image += strong_augment.pipeline_tail(data_cfg, seed, augment, mean, std, device, channels_last)
@@ -132,6 +126,7 @@ def train_loader(
     *,
     seed: int = 0,
     channels_last: bool = False,
+    global_batch: int | None = None,
 ) -> SeededLoader | RepeatedPasses:
     """The training Loader of this rank. Batches are (float32 NCHW images, int64 labels) on `device`.
 
@@ -142,7 +137,11 @@ def train_loader(
     FFCV's `distributed=True` shards like PyTorch's DistributedSampler (seeded by `seed`, reshuffled
     every epoch, the last shard padded with repeats so every rank runs the same number of steps).
     QUASI_RANDOM has no distributed mode in FFCV, so there each rank reads the fixed strided shard
-    `rank::world_size` cut to N // world_size.
+    `rank::world_size` cut to N // world_size. With `global_batch` (scaling.global_batch_size), the order is
+    `GlobalOrder` instead: one permutation for every world size, so every optimizer step holds the same
+    samples on any number of workers (kn_dist.data.global_batch), and `loader.accumulation` is the number of
+    batches per optimizer step on this world size. imagefolder: the side of each epoch's crops follows
+    data.progressive (`loader.current_resolution`); `loader.epoch_facts()` records side, world and accumulation.
 
     RandAugment / AutoAugment, colour jitter and random erasing (`kn_dist.data.strong_augment`) follow
     when configured, seeded the same way; `data.repeated_augmentation` > 1 makes an epoch that many
@@ -160,11 +159,20 @@ def train_loader(
         order["indices"] = np.arange(rank, n_train, world_size, dtype=np.uint64)[: n_train // world_size]
     elif world_size > 1:
         order["distributed"] = True
-    loader = SeededLoader(
+    traversal = None
+    if global_batch is not None:
+        traversal = GlobalOrder(n_train, seed, global_batch, rank, world_size)
+        order = {"order": OrderOption.SEQUENTIAL, "seed": seed}  # built by FFCV, replaced by `traversal`
+    passes = data_cfg.repeated_augmentation  # FFCV epoch p of training epoch e is passes * e + p
+    loader = ScheduledLoader(
         info["train_path"],
         batch_size=data_cfg.batch_size,
         drop_last=True,
         pipelines=_pipelines(data_cfg, betons["train"], device, channels_last, train=True, seed=seed),
+        resolution=lambda ffcv_epoch: resolution_at(ffcv_epoch // passes, data_cfg),  # fixed size: image_size
+        traversal=traversal,
+        world_size=world_size,
+        accumulation=accumulation_steps(global_batch, data_cfg.batch_size, world_size),
         **order,
         **_common(data_cfg),
     )
@@ -180,7 +188,7 @@ def eval_loader(
     split: Literal["val", "test"] = "val",
     channels_last: bool = False,
 ) -> SeededLoader:
-    """The val (or test) Loader of this rank: plain decode (imagefolder: centre crop of ratio 224/256),
+    """The val (or test) Loader of this rank: plain decode (imagefolder: centre crop of data.val_crop_ratio),
     sequential order, no drop_last, NOT FFCV-distributed.
 
     Each rank reads the strided shard `rank::world_size` with no padding, so the shards are disjoint

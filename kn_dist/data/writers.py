@@ -1,7 +1,12 @@
 """Datasets to FFCV .beton files: `train.beton`, `val.beton`, `test.beton` and `splits.json` per dataset.
 
 Every file has three fields: `image` (RGBImageField), `label` (IntField) and `index` (IntField, the
-sample's position in its source, see `kn_dist.data.splits`). Writing is atomic and idempotent: a
+sample's position in its source, see `kn_dist.data.splits`). Image folders are written the way
+ffcv-imagenet's write_imagenet.py does: longest side at most `max_side` (OpenCV INTER_AREA), a share
+`compress_probability` of the images as JPEG of `jpeg_quality` and the rest raw pixels (its
+`write_mode=proportion`; ffcv-imagenet: 400 px, 10 % JPEG for ResNet-18, 500 px, 50 % for ResNet-50).
+Which images are JPEG is a hash of their pixels, not FFCV's draw from np.random in each writer process,
+so writing the same folder twice gives the same files. Writing is atomic and idempotent: a
 file is written under a temporary name in the same directory, validated, then renamed, so a
 complete file at the final name is never confused with an interrupted one; `splits.json` is
 written last, and a directory holding it is reused as it is (delete the directory to rewrite).
@@ -9,6 +14,8 @@ written last, and a directory holding it is reused as it is (delete the director
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -17,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.rgb_image import resizer
 from ffcv.writer import DatasetWriter
 
 from kn_dist.data.beton import open_beton
@@ -83,6 +91,32 @@ def _writer_procs() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 8))
 
 
+def jpeg_draw(image: np.ndarray) -> float:
+    """A number in [0, 1) fixed by the image's pixels: the image is stored as JPEG when it is below the
+    compress probability (BLAKE2b of the bytes, 64 bits)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def _encode_share(field: RGBImageField, probability: float, destination, image, malloc) -> None:
+    # Resize as FFCV does, then store as JPEG or raw by `jpeg_draw` (RGBImageField.encode of a field of
+    # that mode; the file still records a plain RGBImageField, so any FFCV reader decodes it).
+    image = resizer(np.asarray(image), field.max_resolution)
+    mode = "jpg" if jpeg_draw(image) < probability else "raw"
+    RGBImageField(write_mode=mode, jpeg_quality=field.jpeg_quality).encode(destination, image, malloc)
+
+
+def image_field(max_side: int | None, quality: int, compress_probability: float) -> RGBImageField:
+    """The image field: all JPEG (probability 1), all raw (0), or that share of JPEG chosen by `jpeg_draw`."""
+    if compress_probability in (0.0, 1.0):
+        mode = "jpg" if compress_probability == 1.0 else "raw"
+        return RGBImageField(write_mode=mode, max_resolution=max_side, jpeg_quality=quality)
+    field = RGBImageField(write_mode="proportion", max_resolution=max_side, jpeg_quality=quality)
+    # An instance attribute, not a subclass: FFCV's writer records a field's type by its exact class.
+    field.encode = functools.partial(_encode_share, field, compress_probability)
+    return field
+
+
 def write_beton(
     path: str | Path,
     dataset,
@@ -91,12 +125,18 @@ def write_beton(
     max_side: int | None = None,
     quality: int = 90,
     with_index: bool = False,
+    compress_probability: float | None = None,
 ) -> Path:
-    """Write an indexable dataset of (uint8 HWC RGB, int[, int index]) to `path` atomically (replacing it)."""
+    """Write an indexable dataset of (uint8 HWC RGB, int[, int index]) to `path` atomically (replacing it).
+
+    Images are JPEG (`jpeg`) or raw; `compress_probability` (0..1) overrides that with a share of JPEG.
+    """
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    field = RGBImageField(write_mode="jpg" if jpeg else "raw", max_resolution=max_side, jpeg_quality=quality)
+    probability = (1.0 if jpeg else 0.0) if compress_probability is None else float(compress_probability)
+    jpeg = probability > 0
+    field = image_field(max_side, quality, probability)
     fields = {"image": field, "label": IntField()} | ({"index": IntField()} if with_index else {})
     # ffcv's default 8 MiB pages waste most of a small raw set (one partly filled page per writer
     # process); 2 MiB (ffcv's minimum) still holds any image up to ~800x800 raw.
@@ -199,12 +239,15 @@ def write_dataset(
     num_samples: int | None = None,
     image_size: int | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    compress_probability: float = 1.0,
 ) -> SplitPaths:
     """Write `<out_dir>/{train,val,test}.beton` and `splits.json` for dataset `name` (see `plan_splits`).
 
     digits, cifar: raw pixels (digits upscaled to `image_size`, default 32; CIFAR from the archive in
-    `source_dir`, default `default_cache_dir()`, downloaded there when missing). imagefolder: JPEG at
-    `jpeg_quality`, longest side at most `max_side`; classes are the sorted train folder names.
+    `source_dir`, default `default_cache_dir()`, downloaded there when missing). imagefolder: longest
+    side at most `max_side`, a share `compress_probability` as JPEG at `jpeg_quality` (1: all JPEG, the
+    default; 0: all raw) and the rest raw, recorded in splits.json (`encoding`); classes are the sorted
+    train folder names.
     synthetic: side `image_size` (default 32), raw up to 64 px, JPEG above.
 
     A directory with `splits.json` is reused (cheap to call again). One without it (an interrupted
@@ -216,13 +259,23 @@ def write_dataset(
     paths = SplitPaths(*(out / f"{split}.beton" for split in SPLITS))
     if image_size is not None and (image_size < 1 or name not in ("digits", "synthetic")):
         raise UserError(f"image size {image_size}: only digits and synthetic take one, and it must be positive")
+    if compress_probability != 1.0 and name != "imagefolder":
+        raise UserError(f"--compress-probability applies to imagefolder only, not {name!r} (stored raw or as written)")
     if num_samples is not None and name != "synthetic":
         raise UserError(f"--num-samples applies to the synthetic dataset only, not {name!r}")
     if not 0 < val_fraction < 1:
         raise UserError(f"val fraction {val_fraction} must lie strictly between 0 and 1")
+    encoding = None
+    if name == "imagefolder":
+        encoding = {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_probability": compress_probability}
     meta = read_splits_file(out)
     if meta is not None:
         verify_split_files(out, meta, name, val_fraction=val_fraction if name == "imagefolder" else None)
+        if encoding is not None and meta.get("encoding", encoding) != encoding:
+            raise UserError(
+                f"{str(out)!r} was written with {meta['encoding']}, not {encoding}; delete the directory to "
+                "rewrite it with these options"
+            )
         return paths
     for path in paths:
         if path.exists():
@@ -230,19 +283,26 @@ def write_dataset(
     if name == "imagefolder":
         if source_dir is None:
             raise UserError("imagefolder needs --source DIR (data.source_dir) holding train/<class>/ and val/<class>/")
-        if not 1 <= jpeg_quality <= 100 or max_side < 1:
-            raise UserError(f"JPEG quality must be 1..100 and max side positive, got {jpeg_quality} and {max_side}")
+        if not 1 <= jpeg_quality <= 100 or max_side < 1 or not 0 <= compress_probability <= 1:
+            raise UserError(
+                f"JPEG quality must be 1..100, max side positive and compress probability in [0, 1], got "
+                f"{jpeg_quality}, {max_side} and {compress_probability}"
+            )
     plans, used_fraction = plan_splits(
         name, source_dir=source_dir, num_samples=num_samples, image_size=image_size, val_fraction=val_fraction
     )
     jpeg = name == "imagefolder" or (name == "synthetic" and (image_size or 32) > 64)
     opts = {"jpeg": jpeg, "max_side": max_side if name == "imagefolder" else None, "quality": jpeg_quality}
+    if name == "imagefolder":
+        opts["compress_probability"] = compress_probability
     for split, path in zip(SPLITS, paths, strict=True):
         plan = plans[split]
         if not _holds(path, plan):
             write_beton(path, _Subset(plan.pool, plan.indices), with_index=True, **opts)
     records = {s: split_record(f"{s}.beton", p.source, p.indices, p.labels) for s, p in plans.items()}
     meta = {"dataset": name, "split_seed": SPLIT_SEED, "val_fraction": used_fraction, "splits": records}
+    if encoding is not None:
+        meta["encoding"] = encoding
     write_splits_file(out, meta)
     return paths
 
@@ -269,14 +329,30 @@ def write_train_plus_val(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     max_side: int = 256,
     jpeg_quality: int = 90,
+    compress_probability: float = 1.0,
 ) -> Path:
     """`<out_dir>/trainval.beton`: the train and val splits together, for final runs that train on both
-    (a study's `final_train_on: train+val`). The test split stays out. Written once, then reused."""
+    (a study's `final_train_on: train+val`). The test split stays out. Written once, then reused; an
+    imagefolder directory already written keeps its own encoding (splits.json), and `image_size` applies
+    to digits and synthetic only (an image folder's images keep their size)."""
     path = Path(out_dir).resolve() / "trainval.beton"
     if path.exists():
         open_beton(path)
         return path
-    write_dataset(name, out_dir, source_dir=source_dir, image_size=image_size, val_fraction=val_fraction)
+    encoding = {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_probability": compress_probability}
+    if name == "imagefolder":
+        image_size = None
+        encoding = (read_splits_file(Path(out_dir).resolve()) or {}).get("encoding", encoding)
+        max_side, jpeg_quality = encoding["max_side"], encoding["jpeg_quality"]
+        compress_probability = encoding["compress_probability"]
+    write_dataset(
+        name,
+        out_dir,
+        source_dir=source_dir,
+        image_size=image_size,
+        val_fraction=val_fraction,
+        **(encoding if name == "imagefolder" else {}),
+    )
     plans, _ = plan_splits(
         name, source_dir=source_dir, num_samples=None, image_size=image_size, val_fraction=val_fraction
     )
@@ -291,4 +367,5 @@ def write_train_plus_val(
         max_side=max_side if name == "imagefolder" else None,
         quality=jpeg_quality,
         with_index=True,
+        compress_probability=compress_probability if name == "imagefolder" else None,
     )
