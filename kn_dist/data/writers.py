@@ -14,8 +14,10 @@ written last, and a directory holding it is reused as it is (delete the director
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import os
 import uuid
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ from kn_dist.data.splits import (
     write_splits_file,
 )
 from kn_dist.errors import UserError
+
+PROGRESS_BAR_FROM = 20_000  # images: smaller sets are written in seconds, without a progress bar
 
 
 class SplitPaths(NamedTuple):
@@ -141,9 +145,13 @@ def write_beton(
     # ffcv's default 8 MiB pages waste most of a small raw set (one partly filled page per writer
     # process); 2 MiB (ffcv's minimum) still holds any image up to ~800x800 raw.
     page_size = (1 << 21) if not jpeg and max_side is None else (1 << 23)
+    # FFCV's progress bar (tqdm on stderr) only where a write takes a while: a study on digits prints its own
+    # lines (kn_dist.tune_console), a CIFAR or ImageNet write keeps its bar.
+    bar = contextlib.nullcontext() if len(dataset) >= PROGRESS_BAR_FROM else contextlib.redirect_stderr(io.StringIO())
     try:
         writer = DatasetWriter(str(tmp), fields, page_size=page_size, num_workers=_writer_procs())
-        writer.from_indexed_dataset(dataset)
+        with bar:
+            writer.from_indexed_dataset(dataset)
         open_beton(tmp)
         os.replace(tmp, path)  # atomic on POSIX: readers see no file or the complete one
     finally:
