@@ -6,17 +6,32 @@ TMLR 2024). Two exact representations of the same draw:
   elements of an i.i.d. Bernoulli(p) sequence are i.i.d. Geometric(p) (trials to the first success),
   so drawing about p * numel geometric gaps and a cumulative sum gives the whole draw with ~1/p
   times fewer random numbers than one per element, and no input-sized mask. Used on CPU for p <= 0.25.
-- dense: a bool mask, True where dropped, from 31 random bits per element (int64 draws viewed as
-  int32 pairs, top bit cleared), ~6x faster on CPU than `bernoulli_`, exact to 2**-31 in p. Used on
-  other devices (no host synchronisation) and for large p, where the sparse form has no advantage.
+- dense: a bool mask, True where dropped, from 31 random bits per element (`torch.randint`; as fast as
+  `bernoulli_` on CPU), exact to 2**-31 in p. Used on other devices (no host synchronisation), under
+  torch.compile and for large p, where the sparse form has no advantage; `dense_draws()` forces it (the
+  GPU's path, checked on a CPU).
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 SPARSE_MAX_P = 0.25
+_FORCE_DENSE = [False]
+
+
+@contextmanager
+def dense_draws() -> Iterator[None]:
+    """Within, every draw is a dense bool mask, as on a GPU: the GPU's code path, checked on a CPU."""
+    saved = _FORCE_DENSE[0]
+    _FORCE_DENSE[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_DENSE[0] = saved
 
 
 def is_channels_last(t: Tensor) -> bool:
@@ -41,16 +56,23 @@ def floor_div(flat: Tensor, d: int) -> Tensor:
 
 def uses_sparse_draw(x: Tensor, dropout_p: float) -> bool:
     """Whether `draw_dropped` returns flat indices (CPU, small p, eager) rather than a bool mask."""
-    if torch.compiler.is_compiling():  # data-dependent sizes would break the graph
+    if torch.compiler.is_compiling() or _FORCE_DENSE[0]:  # data-dependent sizes would break the graph
         return False
     return x.device.type == "cpu" and 0.0 < dropout_p <= SPARSE_MAX_P
 
 
 def _dense_drop_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None) -> Tensor:
-    """Bool mask, shape of x, True where dropped with probability dropout_p (to 2**-31)."""
-    bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int64, device=x.device).random_(generator=generator)
-    bits = bits.view(torch.int32)[: x.numel()].view(x.shape).bitwise_and_(0x7FFFFFFF)  # uniform on [0, 2**31)
-    return bits < round(dropout_p * 2**31)
+    """Bool mask, shape and memory layout of x, True where dropped with probability dropout_p (to 2**-31).
+
+    31 random bits per element, drawn out of place (`torch.randint`, which torch.compile traces; dynamo breaks
+    the graph at an in-place `random_`) and in x's memory order (NHWC for a channels_last x), so the mask has
+    x's layout and elementwise ops with x read both in one order. The same call eagerly and compiled: with
+    inductor's `fallback_random` a compiled model draws the masks an eager one draws (tests/test_compile.py).
+    """
+    shape = (x.shape[0], *x.shape[2:], x.shape[1]) if is_channels_last(x) else x.shape  # memory order
+    bits = torch.randint(0, 2**31, shape, dtype=torch.int32, device=x.device, generator=generator)
+    mask = bits < round(dropout_p * 2**31)
+    return mask.permute(0, 3, 1, 2) if is_channels_last(x) else mask
 
 
 def _dropped_indices(

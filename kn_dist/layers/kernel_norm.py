@@ -8,12 +8,16 @@ unit is normalised with them. No affine parameters, no running buffers: batch-in
 avg-pools of per-pixel channel statistics, so no unfold and no k²-sized tensor is built.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kn_dist.layers import kn_ops
+from kn_dist.layers.conv_numerics import emulating_tf32, uses_centring
 from kn_dist.layers.dropout_draws import draw_dropped, dropout_keep_mask, is_channels_last
-from kn_dist.layers.kn_conv_function import KNConv2dFunction, stats_dtype
+from kn_dist.layers.kn_conv_function import MAP_DTYPE, KNConv2dFunction, stats_dtype
 
 _Size2 = int | tuple[int, int]
 
@@ -66,29 +70,29 @@ def kernel_norm_stats(
 
     Exact pooled form (DESIGN §3): every pixel holds C elements of the unit, so by the law of total
     variance the window variance is avg_pool(per-pixel variance) + the variance of the per-pixel
-    means. The second term is a one-pass variance of a 1-channel map; shifting it by each sample's
-    mean keeps it accurate when activations have a large common offset. Padded pixels count with
-    mean 0 and variance 0, as in the official unfold code. KernelNorm2d and the token variant use
+    means, i.e. avg_pool(v + m^2) - avg_pool(m)^2 with per-pixel mean m and variance v (two-pass, fp32).
+    These 1-channel maps are pooled in float64, where m^2 ~ 1e6 for a 1000 + randn input still leaves
+    the window variance exact to ~1e-10 (in fp32, with a per-sample shift, a sample mixing a flat patch of
+    1.5 with that offset gave the 2x2 KernelNorm2d's output 6.7 % of its std off; issue 24). Padded pixels
+    count with mean 0 and variance 0, as in the official unfold code. KernelNorm2d and the token variant use
     this; KNConv2d computes the same statistics inside its autograd function (`kn_conv_function`).
     """
     kernel, stride_, pad = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
     _check_geometry(kernel, stride_, pad, dropout_p)
     _output_size(tuple(x.shape[-2:]), kernel, stride_, pad)
-    d = x.to(stats_dtype(x))
+    sdt = stats_dtype(x)
+    d = x.to(sdt)
     if keep_mask is None and training and dropout_p > 0:
         keep_mask = dropout_keep_mask(x, dropout_p)
     if keep_mask is not None:
         d = d * keep_mask * (1.0 / (1.0 - dropout_p))
     var_pix, mean_pix = torch.var_mean(d, dim=1, keepdim=True, correction=0)  # (N, 1, H, W) each
-    shift = mean_pix.mean(dim=(2, 3), keepdim=True).detach()  # (N, 1, 1, 1); any constant is exact
-    lr_tb = (pad[1], pad[1], pad[0], pad[0])
-    mean_pad = F.pad(mean_pix, lr_tb)  # padded pixels: mean 0, variance 0
-    pix = torch.cat([mean_pad, F.pad(var_pix, lr_tb), (mean_pad - shift).square()], dim=1)  # (N, 3, Hp, Wp)
-    win = F.avg_pool2d(pix, kernel, stride_)
-    mean = win[:, :1]  # unshifted: an all-zero window has mean exactly 0
-    # avg(v) + [avg((m - c)^2) - (avg(m) - c)^2]; the bracket is exactly 0 for 1x1 windows
-    var = (win[:, 2:] - (mean - shift).square() + win[:, 1:2]).clamp_min(0.0)
-    return mean, var
+    m = mean_pix.to(MAP_DTYPE)
+    pix = F.pad(torch.cat([m, torch.addcmul(var_pix.to(MAP_DTYPE), m, m)], dim=1), (pad[1], pad[1], pad[0], pad[0]))
+    win = F.avg_pool2d(pix, kernel, stride_)  # (N, 2, H', W'): mean of e, mean of e^2; padded pixels count as 0
+    mean = win[:, :1]  # an all-zero window has mean exactly 0
+    var = torch.addcmul(win[:, 1:], mean, mean, value=-1.0).clamp_min(0.0)
+    return mean.to(sdt), var.to(sdt)
 
 
 class KernelNorm2d(nn.Module):
@@ -163,14 +167,25 @@ def kn_conv2d(
     Statistics are over ALL C channels of a window even for groups > 1, while sum(W) is per filter
     over (C_in/groups, kh, kw): this is what the official KNConv2d does (var_mean over the whole
     unfolded (C, kh, kw) unit, `weight.sum(dim=[1, 2, 3])`), and it pads explicitly with zeros
-    that count in the statistics.
+    that count in the statistics. Under autocast the convolution runs in the autocast dtype, centred
+    (`conv_numerics`), the statistics and the normalisation in fp32/float64; the output is in the autocast dtype.
     """
     kernel = tuple(weight.shape[-2:])
     stride_, pad = _pair(stride, "stride"), _pair(padding, "padding")
     _check_geometry(kernel, stride_, pad, dropout_p)
     _output_size(tuple(x.shape[-2:]), kernel, stride_, pad)
-    drop, draw_p, scale = drop_plan(keep_mask, dropout_p, training)  # a draw is made in `_kn_conv2d_eager`
-    return run_conv_function(_kn_conv2d_eager, x, weight, bias, stride_, pad, groups, eps, drop, draw_p, scale)
+    drop, draw_p, scale = drop_plan(keep_mask, dropout_p, training)
+    x, conv_dtype, centre, tf32 = conv_setup(x)
+    if torch.compiler.is_compiling():
+        # one opaque op in the graph (no graph break, no recompiles), its backward our own; the draw is traced
+        # out of place before it (a dense mask: flat indices would have a data-dependent size)
+        if draw_p > 0:
+            drop = draw_dropped(x, draw_p)
+        return kn_ops.kn_conv2d(x, weight, bias, drop, stride_, pad, groups, eps, scale, conv_dtype, centre, tf32)
+    with torch.autocast(x.device.type, enabled=False) if autocast_on(x) else nullcontext():
+        if draw_p > 0:
+            drop = draw_dropped(x, draw_p)  # flat indices on CPU, a bool mask elsewhere
+        return KNConv2dFunction.apply(x, weight, bias, stride_, pad, groups, eps, drop, scale, conv_dtype, centre, tf32)
 
 
 def drop_plan(keep_mask: Tensor | None, dropout_p: float, active: bool) -> tuple[Tensor | None, float, float]:
@@ -181,42 +196,29 @@ def drop_plan(keep_mask: Tensor | None, dropout_p: float, active: bool) -> tuple
     return drop, draw_p, scale
 
 
-def run_conv_function(fn, x: Tensor, weight: Tensor, *args) -> Tensor:
-    """fn(x, weight, *args) for a KNConv autograd function: x in a layout it takes, autocast handled.
+def autocast_on(x: Tensor) -> bool:
+    """Whether autocast is enabled for x's device type."""
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
-    A channels_last input is computed in its own layout (KNConv2dFunction), so the output is channels_last
-    too, as with nn.Conv2d: a network whose stream is channels_last (ConvNeXt's, after its permuted
-    LayerNorms; any model under `channels_last: true`) would otherwise switch layouts at every KNConv, and
-    the convs after it run on mixed layouts (CIFAR KN-ConvNeXt's depthwise convs on CPU: ~2x slower).
-    Flat drop indices are in x's memory order (NCHW, or NHWC for channels_last).
+
+def conv_setup(x: Tensor) -> tuple[Tensor, torch.dtype, bool, bool]:
+    """(x in a layout KNConv functions take, the convolution's dtype, centred evaluation, TF32 emulation).
+
+    A channels_last input is computed in its own layout, so the output is channels_last too, as with
+    nn.Conv2d: a network whose stream is channels_last (ConvNeXt's, after its permuted LayerNorms; any
+    model under `channels_last: true`) would otherwise switch layouts at every KNConv, and the convs after
+    it run on mixed layouts (CIFAR KN-ConvNeXt's depthwise convs on CPU: ~2x slower). Flat drop indices are
+    in x's memory order (NCHW, or NHWC for channels_last). Under autocast the convolution runs in the
+    autocast dtype (fp64 inputs excepted, as autocast leaves them), x itself is not cast: the statistics
+    and the centring (`conv_numerics`) see its full precision.
     """
     if not is_channels_last(x):
         x = x.contiguous()
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        # Conv in the autocast dtype, statistics and normalisation in fp32 (inside the function).
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            return fn(x.to(dtype), weight.to(dtype), *args)
-    return fn(x, weight, *args)
-
-
-@torch.compiler.disable
-def _kn_conv2d_eager(x, weight, bias, stride, padding, groups, eps, drop, draw_p, scale):
-    """KNConv2dFunction, kept out of torch.compile graphs (a graph break around each KNConv2d).
-
-    Traced by dynamo and compiled by inductor, KNResNet-18's weight gradients came out 1-10 % away from
-    fp64 where eager is within 3e-7 (its forward agreed to 2e-6); a plain stack of KNConv2d layers did
-    not show it, so the cause inside the traced backward is not isolated. Run eagerly, the compiled
-    model's gradients are as accurate as eager (tests/test_compile.py); the rest of the model compiles.
-    The random draw (`draw_p` > 0) is made here too, so that a compiled model also gets the sparse draw
-    on CPU (a traced draw must be a dense mask: flat indices have a data-dependent size); with dense
-    masks a compiled KN DenseNet-BC-100 step took 2.8x the compiled BN model's on CPU, with this 1.8x (eager: 1.25x;
-    the rest is the graph break at each of its 99 KNConvs).
-    """
-    if draw_p > 0:
-        drop = draw_dropped(x, draw_p)  # flat indices on CPU, a bool mask elsewhere
-    return KNConv2dFunction.apply(x, weight, bias, stride, padding, groups, eps, drop, scale)
+    conv_dtype = x.dtype
+    if x.dtype != torch.float64 and autocast_on(x):
+        conv_dtype = torch.get_autocast_dtype(x.device.type)
+    return x, conv_dtype, uses_centring(x, conv_dtype), emulating_tf32(conv_dtype)
 
 
 def _kn_conv2d_autograd(x, weight, bias, stride, padding, groups, eps, keep_mask, scale):

@@ -17,13 +17,14 @@ with the L tokens as channels, so every unit spans the whole sequence.
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from kn_dist.layers.dropout_draws import draw_dropped
-from kn_dist.layers.kernel_norm import drop_plan
+from kn_dist.layers.kernel_norm import autocast_on, drop_plan
 from kn_dist.layers.kn_conv_function import drop_sums, stats_dtype
 
 
@@ -83,44 +84,113 @@ class _GridKernelNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dropped: Tensor | None, scale: float, geometry: tuple, eps: float, dim: int) -> Tensor:
-        xf = x.to(stats_dtype(x))  # statistics in fp32, also under autocast
-        ctx.sparse = None
-        if dropped is not None and dropped.dtype == torch.bool:
-            var_t, mu_t = _var_mean(xf.masked_fill(dropped, 0.0) * scale, dim)  # per position
-        else:
-            var_t, mu_t = _var_mean(xf, dim)
-            if dropped is not None:
-                mu_t, var_t, ctx.sparse = _drop_corrected(xf, dropped, scale, mu_t, var_t, dim)
-        mu = _unit_mean(mu_t, geometry)
-        var = _unit_mean(var_t + (mu_t - mu).square(), geometry)
-        r = torch.rsqrt(var + eps)
+        y, mu, r, ctx.sparse = grid_forward(x, dropped, scale, geometry, eps, dim)
         ctx.save_for_backward(x, dropped, mu, r)
         ctx.geometry, ctx.scale, ctx.dim = geometry, scale, dim
-        return torch.addcmul(-mu * r, xf, r).to(x.dtype)  # (x - mu) * r in one pass
+        return y
 
     @staticmethod
     @once_differentiable  # mu and r are saved without their graph: no double backward
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         x, dropped, mu, r = ctx.saved_tensors
-        scale, dim = ctx.scale, ctx.dim
-        xf = x.to(r.dtype)
-        g = grad.to(r.dtype)
-        depth = g.shape[dim]
-        y = torch.addcmul(-mu * r, xf, r)
-        a = _unit_mean(g.sum(dim=dim, keepdim=True) / depth, ctx.geometry)  # per position
-        b = _unit_mean(torch.linalg.vecdot(g, y, dim=dim).unsqueeze(dim) / depth, ctx.geometry)
-        c1 = r * b * (-scale * scale)
-        c0 = (r * (scale - 1.0) * mu).mul_(b).add_(a).mul_(r).mul_(-scale)
-        dx = torch.addcmul(c0, y, c1)  # the statistics' part, every element
-        if dropped is not None and dropped.dtype == torch.bool:
-            dx.masked_fill_(dropped, 0.0)
-        dx.addcmul_(g, r)
-        if ctx.sparse is not None:  # dropped elements: no part in the statistics, dx = r g
-            pos, xd = ctx.sparse
-            rows = torch.stack([c0, c1 * r, mu], dim=-1).view(-1, 3).index_select(0, pos)  # (D, 3)
-            share = torch.addcmul(rows[:, 0], rows[:, 1], xd.to(r.dtype) - rows[:, 2])
-            dx.view(-1).scatter_add_(0, dropped, share.neg_())
-        return dx.to(x.dtype), None, None, None, None, None
+        dx = grid_backward(grad, x, dropped, mu, r, ctx.sparse, ctx.scale, ctx.geometry, ctx.dim)
+        return dx, None, None, None, None, None
+
+
+def grid_forward(x: Tensor, dropped: Tensor | None, scale: float, geometry: tuple, eps: float, dim: int):
+    """Forward of `_GridKernelNorm`: (y in x's dtype, mu, r per position, sparse (position, value) or None)."""
+    xf = x.to(stats_dtype(x))  # statistics in fp32, also under autocast
+    sparse = None
+    if dropped is not None and dropped.dtype == torch.bool:
+        var_t, mu_t = _var_mean(xf.masked_fill(dropped, 0.0) * scale, dim)  # per position
+    else:
+        var_t, mu_t = _var_mean(xf, dim)
+        if dropped is not None:
+            mu_t, var_t, sparse = _drop_corrected(xf, dropped, scale, mu_t, var_t, dim)
+    mu = _unit_mean(mu_t, geometry)
+    var = _unit_mean(var_t + (mu_t - mu).square(), geometry)
+    r = torch.rsqrt(var + eps)
+    # (x - mu) * r, not x r - mu r: a large common offset cancels exactly in x - mu (issue 24)
+    return (xf - mu).mul_(r).to(x.dtype), mu, r, sparse
+
+
+def grid_backward(grad, x, dropped, mu, r, sparse, scale: float, geometry: tuple, dim: int) -> Tensor:
+    """Backward of `_GridKernelNorm` (its docstring): dx in x's dtype."""
+    xf = x.to(r.dtype)
+    g = grad.to(r.dtype)
+    depth = g.shape[dim]
+    y = (xf - mu).mul_(r)
+    a = _unit_mean(g.sum(dim=dim, keepdim=True) / depth, geometry)  # per position
+    b = _unit_mean(torch.linalg.vecdot(g, y, dim=dim).unsqueeze(dim) / depth, geometry)
+    c1 = r * b * (-scale * scale)
+    c0 = (r * (scale - 1.0) * mu).mul_(b).add_(a).mul_(r).mul_(-scale)
+    dx = torch.addcmul(c0, y, c1)  # the statistics' part, every element
+    if dropped is not None and dropped.dtype == torch.bool:
+        dx.masked_fill_(dropped, 0.0)
+    dx.addcmul_(g, r)
+    if sparse is not None:  # dropped elements: no part in the statistics, dx = r g
+        pos, xd = sparse
+        rows = torch.stack([c0, c1 * r, mu], dim=-1).view(-1, 3).index_select(0, pos)  # (D, 3)
+        share = torch.addcmul(rows[:, 0], rows[:, 1], xd.to(r.dtype) - rows[:, 2])
+        dx.view(-1).scatter_add_(0, dropped, share.neg_())
+    return dx.to(x.dtype)
+
+
+@torch.library.custom_op("kn_dist::grid_kernel_norm", mutates_args=())
+def _grid_fwd(
+    x: Tensor, dropped: Tensor | None, scale: float, geometry: list[int], eps: float, dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """_GridKernelNorm as one custom op for torch.compile (`kn_ops`), with a dense drop mask: (y, mu, r)."""
+    with torch.autocast(x.device.type, enabled=False):
+        y, mu, r, _ = grid_forward(x, dropped, scale, tuple(geometry), eps, dim)
+    return y, mu, r
+
+
+@_grid_fwd.register_fake
+def _(x, dropped, scale, geometry, eps, dim):
+    shape = list(x.shape)
+    shape[dim] = 1
+    mu = x.new_empty(shape, dtype=stats_dtype(x))
+    return torch.empty_like(x), mu, torch.empty_like(mu)
+
+
+@torch.library.custom_op("kn_dist::grid_kernel_norm_backward", mutates_args=())
+def _grid_bwd(
+    grad: Tensor, x: Tensor, dropped: Tensor | None, mu: Tensor, r: Tensor, scale: float, geometry: list[int], dim: int
+) -> Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return grid_backward(grad, x, dropped, mu, r, None, scale, tuple(geometry), dim)
+
+
+@_grid_bwd.register_fake
+def _(grad, x, dropped, mu, r, scale, geometry, dim):
+    return torch.empty_like(x)
+
+
+def _grid_setup(ctx, inputs, output) -> None:
+    x, dropped, scale, geometry, _eps, dim = inputs
+    _, mu, r = output
+    ctx.conf = (scale, geometry, dim)
+    ctx.save_for_backward(x, dropped, mu, r)
+
+
+def _grid_grad(ctx, grad, *_unused):
+    x, dropped, mu, r = ctx.saved_tensors
+    scale, geometry, dim = ctx.conf
+    return _grid_bwd(grad, x, dropped, mu, r, scale, geometry, dim), None, None, None, None, None
+
+
+_grid_fwd.register_autograd(_grid_grad, setup_context=_grid_setup)
+
+
+def grid_kernel_norm(x: Tensor, dropped: Tensor | None, scale: float, geometry: tuple, eps: float, dim: int) -> Tensor:
+    """(x - mu) * r per unit: the autograd function eagerly, one custom op under torch.compile (`kn_ops`)."""
+    if torch.compiler.is_compiling():
+        return _grid_fwd(x, dropped, scale, list(geometry), eps, dim)[0]
+    # autocast off: it would run the statistics' vecdot in bf16 (0.0075 x the output's std off for a
+    # 1000 + randn input under CPU bf16 autocast; issue 24)
+    with torch.autocast(x.device.type, enabled=False) if autocast_on(x) else nullcontext():
+        return _GridKernelNorm.apply(x, dropped, scale, geometry, eps, dim)
 
 
 def _drop_corrected(xf: Tensor, dropped: Tensor, scale: float, mu_t: Tensor, var_t: Tensor, dim: int):
@@ -219,7 +289,7 @@ class KernelNormTokens(nn.Module):
         h, w = self._grid(x.shape[1] - p)
         x = x.contiguous()  # flat drop indices and the sparse corrections address x in row-major order
         dropped, scale = _drop(x, keep_mask, self.dropout_p, self.training or self.eval_dropout)
-        return _GridKernelNorm.apply(x, dropped, scale, (p, h, w, self.kernel_size), self.eps, 2)
+        return grid_kernel_norm(x, dropped, scale, (p, h, w, self.kernel_size), self.eps, 2)
 
     def extra_repr(self) -> str:
         return (
@@ -268,7 +338,7 @@ class KernelNormEmbedGrid(nn.Module):
         x = x.contiguous()  # flat drop indices and the sparse corrections address x in row-major order
         dropped, scale = _drop(x, keep_mask, self.dropout_p, self.training or self.eval_dropout)
         # positions: the D channels on the (a, b) grid, each with its L token values
-        return _GridKernelNorm.apply(x, dropped, scale, (0, a, b, k), self.eps, 1)
+        return grid_kernel_norm(x, dropped, scale, (0, a, b, k), self.eps, 1)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, kernel_size={self.kernel_size}, dropout_p={self.dropout_p}, eps={self.eps}"

@@ -14,17 +14,27 @@ Where the time and the accuracy go (profiled on CPU, fp32, torch.profiler self t
   where a window's variance is far below eps (dead ReLUs, near-constant inputs), and be amplified
   by rstd ~ eps^-1/2. The per-pixel variance is formed around each pixel's own channel mean m(p)
   (two passes), so no large common term cancels there in fp32 either.
+- a convolution rounded coarser than fp32 (bf16 / fp16 autocast, TF32 on a GPU) is evaluated centred,
+  conv(x - m, W) plus a 1-channel term per kernel tap (`conv_numerics`), so that flat windows do not
+  amplify its rounding; `normalised_conv` writes both forms as taps: y = z * rstd + sum_k W_k (d_k rstd)
+  + b with z the convolution, W_k the tap weights and d_k per window (uncentred: one tap, W = sum(W),
+  d = -mu; centred: kh * kw taps, W_k = the filter's tap k summed over its channels, d_k = m(p + k) - mu).
 - with sparse drops the backward gives every element b x + a and takes it back from the dropped ones
   with one gather of (a, b) per dropped element and one scatter (their pixel and value are saved
   compactly in forward), instead of reading and restoring the gradient at every dropped element.
 """
+
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kn_dist.layers.conv_numerics import conv_operand
 from kn_dist.layers.dropout_draws import floor_div, is_channels_last, memory_flat
+from kn_dist.layers.window_sums import pool, pool_backward
 
 MAP_DTYPE = torch.float64  # the 1-channel window maps (see the module docstring)
 
@@ -34,54 +44,22 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _pad_dim(t: Tensor, dim: int, before: int, after: int) -> Tensor:
-    """Zero-pad (negative: crop) dimension `dim` (-1 or -2) of t."""
-    return F.pad(t, (before, after) if dim == -1 else (0, 0, before, after))
+def layout(x: Tensor) -> torch.memory_format:
+    """The memory format KernelNorm layers keep: channels_last for a channels_last x, else contiguous."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
-def _window_sum(t: Tensor, dim: int, k: int, s: int, p: int) -> Tensor:
-    """Sums over the zero-padded windows (kernel k, stride s, padding p) along `dim`, by a prefix sum.
+def strided_like(t: Tensor, ref: Tensor) -> Tensor:
+    """t with exactly ref's strides (a copy only where they differ).
 
-    A cumulative sum and one difference per axis instead of F.avg_pool2d: ~3x faster on CPU for the
-    small float64 maps here. Windows of zeros give exactly 0 (equal prefix sums), as dead ReLUs need.
+    A weight gradient must have its parameter's strides: DDP copies it into a bucket view with them and
+    warns "Grad strides do not match bucket view strides" otherwise, and a custom op's output must have
+    the strides its fake gives. Strides of size-1 dimensions count too, which `contiguous(memory_format)`
+    leaves as they are: a depthwise (C, 1, k, k) weight is both contiguous and channels_last.
     """
-    if k == 1 and p == 0:
-        return t if s == 1 else t[_every(dim, s)]
-    c = _pad_dim(t, dim, p + 1, p).cumsum(dim)  # c[i] = sum of the padded entries before i
-    n_out = (t.shape[dim] + 2 * p - k) // s + 1
-    span = s * (n_out - 1) + 1
-    return c.narrow(dim, k, span)[_every(dim, s)] - c.narrow(dim, 0, span)[_every(dim, s)]
-
-
-def _every(dim: int, s: int) -> tuple:
-    return (..., slice(None, None, s)) if dim == -1 else (..., slice(None, None, s), slice(None))
-
-
-def _window_sum_transpose(g: Tensor, dim: int, n: int, k: int, s: int, p: int) -> Tensor:
-    """Transpose of `_window_sum`: per input position, the sum of g over the windows that contain it."""
-    if k == 1 and p == 0 and s == 1:
-        return g
-    if s > 1:  # put each window's value at its first padded position, zeros between
-        shape = list(g.shape)
-        shape[dim] = s * (g.shape[dim] - 1) + 1
-        u = g.new_zeros(shape)
-        u[_every(dim, s)] = g
-        g = u
-    # position q (padded coordinates) is in the windows starting at q - k + 1 .. q
-    c = _pad_dim(g, dim, k, p + n - g.shape[dim]).cumsum(dim)
-    return c.narrow(dim, p + k, n) - c.narrow(dim, p, n)
-
-
-def _pool(t: Tensor, kernel, stride, padding) -> Tensor:
-    """Average pooling over zero-padded windows, padded zeros counted (count_include_pad)."""
-    out = _window_sum(_window_sum(t, -1, kernel[1], stride[1], padding[1]), -2, kernel[0], stride[0], padding[0])
-    return out if kernel == (1, 1) else out.mul_(1.0 / (kernel[0] * kernel[1]))
-
-
-def _pool_backward(g: Tensor, size, kernel, stride, padding) -> Tensor:
-    """Transpose of `_pool` without its 1 / (kh * kw): per-window values -> per-pixel sums, (N, K, H, W)."""
-    t = _window_sum_transpose(g, -2, size[0], kernel[0], stride[0], padding[0])
-    return _window_sum_transpose(t, -1, size[1], kernel[1], stride[1], padding[1])
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _as_ncl(t: Tensor) -> Tensor:
@@ -124,157 +102,252 @@ def drop_sums(xs: Tensor, dropped: Tensor, channels_last: bool) -> tuple[Tensor,
     return sums[0].view(n, 1, length), sums[1].view(n, 1, length), pix.to(torch.int32), xd
 
 
-def _pixel_maps(xs: Tensor, dropped: Tensor | None, channels_last: bool = False) -> tuple[Tensor, tuple | None]:
-    """Per-pixel statistics of e = x * keep over the C channels.
+def pixel_maps(x4: Tensor, dropped: Tensor | None, centre: bool) -> tuple[Tensor, Tensor, Tensor | None, tuple | None]:
+    """Per-pixel statistics of e = x * keep over the C channels, and x centred on its channel mean.
 
-    xs: (N, C, L) in the statistics dtype, a view of x in x's layout (`channels_last`: memory order
-    N, L, C, which is also the order of flat drop indices). Returns maps (N, 2, L) float64: [mean of e,
-    mean of e^2], the latter formed as v + 2 m q + m^2 with m the channel mean of x (of e with a dense
-    mask), v = mean_c (e - m)^2 (a two-pass variance) and q = mean_c (e - m); and, for sparse drops,
-    the pixel index and value of each dropped element (`drop_sums`), else None.
-    Sparse drops correct both around m (`drop_sums`): a dropped element x_d turns (x_d - m) into -m,
-    so q gains -x_d / C and v gains -x_d (x_d - 2 m) / C.
+    x4: (N, C, H, W) in the statistics dtype, contiguous or channels_last (flat drop indices count in that
+    memory order). Returns
+    - maps (N, 2, L) float64: [mean of e, mean of e^2], the latter formed as v + 2 m q + m^2 with m the
+      channel mean of x (of e for an uncentred dense mask), v = mean_c (e - m)^2 (a two-pass variance) and
+      q = mean_c (e - m). Sparse drops correct both around m (`drop_sums`): a dropped element x_d turns
+      (x_d - m) into -m, so q gains -x_d / C and v gains -x_d (x_d - 2 m) / C;
+    - m (N, 1, L) in the statistics dtype;
+    - xc = x - m (N, C, H, W) in x's layout where `centre`, else None;
+    - for sparse drops (pixel index, value) of each dropped element, the value x_d (x_d - m for `centre`).
     """
-    n, c, length = xs.shape
+    n, c, h, w = x4.shape
     sparse = dropped is not None and dropped.dtype != torch.bool
-    if dropped is not None and not sparse:
+    xs = _as_ncl(x4)
+    if dropped is not None and not sparse and not centre:
         xs = xs.masked_fill(_as_ncl(dropped), 0.0)
     avg = torch.full((1, c), 1.0 / c, dtype=xs.dtype, device=xs.device)
     m = torch.matmul(avg, xs)  # (N, 1, L)
-    v = torch.matmul(avg, F.mse_loss(xs, m.expand_as(xs), reduction="none")).to(MAP_DTYPE)  # (x - m)^2 in one pass
+    xc, q = None, None
+    if centre:
+        xc = x4 - m.view(n, 1, h, w)  # in x's layout: the convolution's operand
+        ec = _as_ncl(xc)
+        if dropped is not None and not sparse:  # e - m is -m where dropped
+            ec = torch.where(_as_ncl(dropped), m.neg(), ec)
+            q = torch.matmul(avg, ec).to(MAP_DTYPE)
+        v = torch.matmul(avg, ec.square()).to(MAP_DTYPE)
+    else:
+        v = torch.matmul(avg, F.mse_loss(xs, m.expand_as(xs), reduction="none")).to(MAP_DTYPE)  # (x - m)^2 in one pass
     md = m.to(MAP_DTYPE)
-    maps = torch.empty((n, 2, length), dtype=MAP_DTYPE, device=xs.device)
-    if not sparse:
+    maps = torch.empty((n, 2, h * w), dtype=MAP_DTYPE, device=xs.device)
+    if sparse:
+        q, s2, pix, xd = drop_sums(xs, dropped, is_channels_last(x4))
+        torch.add(md, q, out=maps[:, :1])
+        # mean e^2 = v + dv + 2 m q + m^2 with dv = s2 - 2 m q (the sum of -x_d (x_d - 2 m) / C): = v + s2 + m^2,
+        # without gathering m at each dropped element
+        torch.addcmul(v.add_(s2), md, md, out=maps[:, 1:])
+        if centre:
+            xd = xd - m.view(-1).index_select(0, pix)  # the same fp32 subtraction as in xc
+        return maps, m, xc, (pix, xd)
+    if q is None:
         maps[:, :1] = md
         torch.addcmul(v, md, md, out=maps[:, 1:])
-        return maps, None
-    q, s2, pix, xd = drop_sums(xs, dropped, channels_last)
-    torch.add(md, q, out=maps[:, :1])
-    # mean e^2 = v + dv + 2 m q + m^2 with dv = s2 - 2 m q (the sum of -x_d (x_d - 2 m) / C): = v + s2 + m^2,
-    # without gathering m at each dropped element
-    torch.addcmul(v.add_(s2), md, md, out=maps[:, 1:])
-    return maps, (pix, xd)
-
-
-def normalised_conv(x, weight, bias, stride, padding, groups, mu, rstd) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = (conv(x, W, s) - mu * sum(W)) * rstd + b, given the window statistics mu, rstd (N, 1, H', W') float64.
-
-    Returns y (x's dtype), the conv output z (kept for backward, see KNConv2dFunction), sum(W) (O,) and
-    rhs (N, K, L) = [mu * rstd, 1 if there is a bias] in the statistics dtype, which backward reduces gy with.
-    """
-    sdt = stats_dtype(x)
-    n = x.shape[0]
-    z = F.conv2d(x, weight, None, stride, padding, 1, groups)  # (N, O, H', W')
-    o, length = z.shape[1], z.shape[2] * z.shape[3]
-    sum_w = weight.sum(dim=(1, 2, 3), dtype=sdt)  # (O,)
-    # rhs: the bias row only serves the grads of sum_w and b in backward
-    rhs = torch.ones((n, 1 if bias is None else 2, length), dtype=sdt, device=x.device)
-    mu_rstd = torch.mul(mu, rstd, out=rhs[:, :1].view(n, 1, *z.shape[2:]))
-    rstd_s = rstd.to(sdt)
-    # y = b + z * rstd - sum_w * (mu * rstd): two passes over the output
-    zs = z.to(sdt)
-    if bias is None:
-        y = torch.mul(zs, rstd_s)
     else:
-        y = torch.addcmul(bias.to(sdt).view(1, o, 1, 1), zs, rstd_s)
-    y.addcmul_(sum_w.view(1, o, 1, 1), mu_rstd, value=-1.0)
-    return y.to(x.dtype), z, sum_w, rhs
+        torch.add(md, q, out=maps[:, :1])
+        torch.addcmul(v.addcmul_(md, q, value=2.0), md, md, out=maps[:, 1:])
+    return maps, m, xc, None
 
 
-def normalised_conv_backward(ctx, conf, gy, x, weight, mu, rstd, sum_w, rhs, need_gx: bool):
+def window_moments(maps: Tensor, shape, kernel, stride, padding, scale: float, eps: float) -> tuple[Tensor, Tensor]:
+    """(mu, rstd) per window, (N, 1, H', W') float64, from the per-pixel maps (N, 2, L) of `pixel_maps`."""
+    n, _, h, w = shape
+    win = pool(maps.view(n, 2, h, w), kernel, stride, padding)  # (N, 2, H', W'): mean e, mean e^2
+    mu = win[:, :1] * scale
+    var = torch.addcmul(win[:, 1:], win[:, :1], win[:, :1], value=-1.0).clamp_min_(0.0)
+    return mu, var.mul_(scale * scale).add_(eps).rsqrt_()
+
+
+def _tap_weights(weight: Tensor, dtype: torch.dtype, centred: bool) -> Tensor:
+    """(O, K): sum(W) per filter (K = 1), or for `centred` each tap of the filter summed over its channels."""
+    o = weight.shape[0]
+    if centred:
+        return weight.sum(dim=1, dtype=dtype).view(o, -1)  # (O, kh * kw), taps in unfold's order
+    return weight.sum(dim=(1, 2, 3), dtype=dtype).view(o, 1)
+
+
+def normalised_conv(xin, weight, bias, conf, mu, rstd, m4, tf32: bool, out_dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """y = (conv(x, W, s) - mu * sum(W)) * rstd + b from the window statistics mu, rstd (N, 1, H', W') float64.
+
+    xin is the convolution's operand in its dtype: x (m4 None) or x - m with m4 = m (N, 1, H, W) float64, the
+    per-pixel mean it was centred on. Returns y (`out_dtype`, xin's layout), the conv output z (kept for
+    backward, see KNConv2dFunction) and rhs (N, K (+1), L') = [d_k * rstd for each tap, 1 if there is a bias]
+    in the statistics dtype (module docstring), which backward reduces gy with.
+    """
+    stride, padding, groups = conf
+    sdt = stats_dtype(xin)
+    n = xin.shape[0]
+    z = F.conv2d(xin, conv_operand(weight, xin.dtype, tf32), None, stride, padding, 1, groups)  # (N, O, H', W')
+    o, h_out, w_out = z.shape[1:]
+    if m4 is None:
+        d = mu.view(n, 1, -1).neg()  # (N, 1, L')
+    else:  # d_k = m(p + k) - mu(p), exact in float64; padded pixels have m = 0
+        d = F.unfold(m4, tuple(weight.shape[-2:]), padding=padding, stride=stride).sub_(mu.view(n, 1, -1))
+    taps = d.shape[1]
+    rhs = torch.ones((n, taps + (bias is not None), h_out * w_out), dtype=sdt, device=xin.device)
+    torch.mul(d, rstd.view(n, 1, -1), out=rhs[:, :taps])
+    wk = _tap_weights(weight, sdt, m4 is not None)
+    if bias is not None:
+        wk = torch.cat([wk, bias.to(sdt).view(o, 1)], dim=1)
+    # y = z * rstd + [sum_k W_k d_k rstd + b]: the bracket by one matmul, in xin's layout; then one pass
+    channels_last = is_channels_last(xin)
+    y = torch.empty((n, o, h_out, w_out), dtype=sdt, device=xin.device, memory_format=layout(xin))
+    if channels_last:
+        torch.matmul(rhs.mT, wk.T, out=y.permute(0, 2, 3, 1).view(n, h_out * w_out, o))
+    else:
+        torch.matmul(wk, rhs, out=y.view(n, o, h_out * w_out))
+    y.addcmul_(z, rstd.to(sdt))
+    return y.to(out_dtype), z, rhs
+
+
+def normalised_conv_backward(holder, gy, xin, weight, mu, rstd, rhs, conf, centred: bool, need_gx: bool, tf32: bool):
     """Backward of `normalised_conv`: (g_mu, g_var) per window (N, 1, H', W') float64, and gx, gw, gb through the
-    conv alone (gx None unless `need_gx`). With G1 = sum_o gy_o sum(W_o) and Gz = sum_o gy_o z_o per window:
-    g_mu = -rstd * G1, g_var = -rstd^3 / 2 * (Gz - mu * G1).
+    conv alone (gx in xin's dtype; None unless `need_gx`). With H_k = sum_o gy_o W_ok per tap and window,
+    G1 = sum_k H_k and Gz = sum_o gy_o z_o:  g_mu = -rstd G1,  g_var = -rstd^2 / 2 (rstd Gz + sum_k H_k rhs_k).
 
-    The conv output z is taken from ctx.z, which holds the only reference, so that it is freed before the
+    The conv output z is taken from holder.z, which holds the only reference, so that it is freed before the
     conv backward (the peak of backward); a second backward (retain_graph=True) recomputes it.
     """
     stride, padding, groups = conf
-    z, ctx.z = ctx.z, None
+    w_conv = conv_operand(weight, xin.dtype, tf32)
+    z, holder.z = holder.z, None
     if z is None:  # a second backward through the same graph (retain_graph=True): recompute
-        z = F.conv2d(x, weight, None, stride, padding, 1, groups)
+        z = F.conv2d(xin, w_conv, None, stride, padding, 1, groups)
     n, o, h_out, w_out = gy.shape
     sdt = rhs.dtype
+    kh, kw = weight.shape[-2:]
+    taps = kh * kw if centred else 1
     gy3 = _as_ncl(gy.to(sdt))  # (N, O, L), in gy's layout
-    z3 = _as_ncl(z)
-    g1 = torch.matmul(sum_w.view(1, o), gy3)  # (N, 1, L)
-    gz_sum = (gy3 * z3.to(sdt)).sum(dim=1, keepdim=True)
-    del z, z3  # the peak of backward is at the conv backward below
-    g1 = g1.view(n, 1, h_out, w_out).to(MAP_DTYPE)
-    gz_sum = gz_sum.view(n, 1, h_out, w_out).to(MAP_DTYPE)
-    g_var = torch.addcmul(gz_sum, mu, g1, value=-1.0).mul_(rstd * rstd * rstd).mul_(-0.5)
-    g_mu = g1.mul_(rstd).neg_()
-    # Over (N, L): the grads of sum_w (it reaches every weight of its filter) and of the bias.
-    red = torch.matmul(gy3, rhs.mT).sum(0)  # (O, K)
-    gz = (gy.to(sdt) * rstd.to(sdt)).to(x.dtype)  # in gy's layout, as the conv backward wants
+    h = torch.matmul(_tap_weights(weight, sdt, centred).T, gy3)  # (N, K, L)
+    gz_sum = (gy3 * _as_ncl(z).to(sdt)).sum(dim=1, keepdim=True)
+    del z  # the peak of backward is at the conv backward below
+    if taps == 1:  # uncentred: H rhs = -G1 mu rstd cancels against rstd Gz, so the product in float64
+        g1 = h.to(MAP_DTYPE)
+        h_rhs = g1 * rhs[:, :1]
+    else:
+        g1 = h.sum(dim=1, keepdim=True).to(MAP_DTYPE)
+        h_rhs = (h * rhs[:, :taps]).sum(dim=1, keepdim=True).to(MAP_DTYPE)
+    r = rstd.view(n, 1, -1)
+    g_var = gz_sum.to(MAP_DTYPE).mul_(r).add_(h_rhs).mul_(r * r).mul_(-0.5).view(n, 1, h_out, w_out)
+    g_mu = g1.mul_(r).neg_().view(n, 1, h_out, w_out)
+    # Over (N, L): the grads of the tap weights (each reaches its tap of every channel) and of the bias.
+    red = torch.matmul(gy3, rhs.mT).sum(0)  # (O, K (+1))
+    gz = conv_operand(gy.to(sdt) * rstd.to(sdt), xin.dtype, tf32)  # in gy's layout, as the conv backward wants
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        gz, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, (need_gx, True, False)
+        gz, xin, w_conv, None, stride, padding, (1, 1), False, (0, 0), groups, (need_gx, True, False)
     )
     del gz
-    gw.sub_(red[:, 0].to(gw.dtype).view(o, 1, 1, 1))
-    gb = red[:, 1].to(weight.dtype) if red.shape[1] == 2 else None
+    gw = strided_like(gw.to(weight.dtype), weight)
+    gw.add_(red[:, :taps].to(gw.dtype).view(o, 1, kh if taps > 1 else 1, kw if taps > 1 else 1))
+    gb = red[:, taps].to(weight.dtype) if red.shape[1] == taps + 1 else None
     return g_mu, g_var, gx, gw, gb
+
+
+class ConvState(NamedTuple):
+    """What KNConv2d's backward needs besides x's shape and the weight (all from `kn_conv_forward`)."""
+
+    xin: Tensor  # the convolution's operand: x (uncentred) or x - m, in the conv dtype
+    xv: Tensor  # the input of the statistics' gradient: x (uncentred) or x - m (= xin)
+    mu: Tensor  # (N, 1, H', W') float64
+    rstd: Tensor  # (N, 1, H', W') float64
+    rhs: Tensor  # (N, K (+1), L') statistics dtype (`normalised_conv`)
+    m4: Tensor | None  # (N, 1, H, W) float64 per-pixel mean x was centred on, or None
+    sparse: tuple | None  # (pixel index, value) of each dropped element for sparse drops
+
+
+def kn_conv_forward(x, weight, bias, stride, padding, groups, eps, dropped, scale, conv_dtype, centre, tf32):
+    """KNConv2d forward (class docstring of KNConv2dFunction): (y, z, ConvState). y is in `conv_dtype`."""
+    n, c, h, w = x.shape
+    kernel = tuple(weight.shape[-2:])
+    maps, m, xc, sparse = pixel_maps(x.to(stats_dtype(x)), dropped, centre)
+    mu, rstd = window_moments(maps, x.shape, kernel, stride, padding, scale, eps)
+    xin = conv_operand(xc if centre else x, conv_dtype, tf32)
+    m4 = m.view(n, 1, h, w).to(MAP_DTYPE) if centre else None
+    y, z, rhs = normalised_conv(xin, weight, bias, (stride, padding, groups), mu, rstd, m4, tf32, conv_dtype)
+    return y, z, ConvState(xin, xin if centre else x, mu, rstd, rhs, m4, sparse)
+
+
+def kn_conv_backward(holder, gy, x_dtype, weight, dropped, state: ConvState, conf, scale, need_gx, tf32):
+    """KNConv2d backward: (gx in `x_dtype` and x's layout or None, gw, gb); holder.z is the conv output."""
+    stride, padding, groups = conf
+    xin, xv, mu, rstd, rhs, m4, sparse = state
+    g_mu, g_var, gx, gw, gb = normalised_conv_backward(
+        holder, gy, xin, weight, mu, rstd, rhs, conf, m4 is not None, need_gx, tf32
+    )
+    if not need_gx:  # e.g. a stem conv on the input images
+        return None, gw, gb
+    n, c, h, w = xv.shape
+    kh, kw = weight.shape[-2:]
+    sdt = rhs.dtype
+    # per window, float64: [g_mu - 2 g_var mu, g_var]
+    g = torch.cat([g_mu.addcmul_(g_var, mu, value=-2.0), g_var], dim=1)
+    # [A, B] per pixel (class docstring), times kh * kw / C: one transposed pooling, one cast
+    ab = pool_backward(g, (h, w), (kh, kw), stride, padding)  # (N, 2, H, W)
+    ab[:, 1:] *= 2.0 * scale
+    ab.mul_(scale / (c * kh * kw))
+    if m4 is not None:  # B x + A = B (x - m) + (A + B m)
+        ab[:, :1].addcmul_(ab[:, 1:], m4)
+    ab = ab.to(sdt)
+    a, b = ab[:, :1], ab[:, 1:]
+    gx = gx.to(sdt).contiguous(memory_format=layout(xv))
+    if dropped is None or dropped.dtype != torch.bool:
+        # in place, then dropped elements (flat indices, in x's memory order: gx in x's layout) lose
+        # again what they were given: b x_d + a at their pixel, one gather of (a, b) per element
+        gx.addcmul_(b, xv).add_(a)
+        if dropped is not None:
+            pix, xd = sparse
+            rows = ab.view(n, 2, -1).mT.neg().reshape(-1, 2).index_select(0, pix)  # (D, 2): -a, -b
+            memory_flat(gx).scatter_add_(0, dropped, torch.addcmul(rows[:, 0], rows[:, 1], xd).to(gx.dtype))
+    else:
+        gx.add_(torch.addcmul(a, b, xv.to(sdt)).masked_fill_(dropped, 0.0))
+    return gx.to(x_dtype), gw, gb
 
 
 class KNConv2dFunction(torch.autograd.Function):
     """y = (conv(x, W, s) - mu * sum(W)) * rstd + b with a hand-written backward.
 
     Statistics of D = scale * e per window w (n = C * kh * kw elements): mu = scale * mean(e),
-    var = scale^2 * (mean(e^2) - mean(e)^2), both pooled from the per-pixel maps of `_pixel_maps`.
+    var = scale^2 * (mean(e^2) - mean(e)^2), both pooled from the per-pixel maps of `pixel_maps`.
     Backward, with g_mu and g_var per window from `normalised_conv_backward`:
         dL/dx_u = keep_u * scale / n * sum_{w containing u} [g_mu + 2 g_var (scale x_u - mu_w)]
                 = keep_u * (B(p) * x_u + A(p))      for u at pixel p,
     with B = 2 scale^2 / n * sum_w g_var and A = scale / n * sum_w [g_mu - 2 g_var mu_w]
-    (the sums over windows are the transpose of the average pooling, in float64).
-    Saved: x, W, the drop (indices or mask), the conv output z and 1-channel maps. z rather than y
+    (the sums over windows are the transpose of the average pooling, in float64); centred, B (x_u - m) +
+    (A + B m). `conv_dtype` (default x's) is the convolution's dtype, `centre` its centred form and `tf32`
+    TF32 emulation (`conv_numerics`); y is in `conv_dtype`, gx in x's dtype.
+    Saved: x or x - m, W, the drop (indices or mask), the conv output z and 1-channel maps. z rather than y
     is kept so that in-place ops on y (ReLU(inplace=True)) stay legal; backward frees it before the
     conv backward (a second backward, retain_graph=True, recomputes it).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, groups, eps, dropped, scale):
-        kernel = tuple(weight.shape[-2:])
-        n, c, h, w = x.shape
-        maps, ctx.sparse = _pixel_maps(_as_ncl(x.to(stats_dtype(x))), dropped, is_channels_last(x))
-        win = _pool(maps.view(n, 2, h, w), kernel, stride, padding)  # (N, 2, H', W'): mean e, mean e^2
-        mu = win[:, :1] * scale
-        var = torch.addcmul(win[:, 1:], win[:, :1], win[:, :1], value=-1.0).clamp_min_(0.0)
-        rstd = var.mul_(scale * scale).add_(eps).rsqrt_()
-        y, z, sum_w, rhs = normalised_conv(x, weight, bias, stride, padding, groups, mu, rstd)
-        ctx.conf = (stride, padding, groups, scale)
-        ctx.save_for_backward(x, weight, dropped, mu, rstd, sum_w, rhs)
+    def forward(
+        ctx, x, weight, bias, stride, padding, groups, eps, dropped, scale, conv_dtype=None, centre=False, tf32=False
+    ):
+        conv_dtype = x.dtype if conv_dtype is None else conv_dtype
+        y, z, state = kn_conv_forward(
+            x, weight, bias, stride, padding, groups, eps, dropped, scale, conv_dtype, centre, tf32
+        )
+        ctx.conf = (stride, padding, groups)
+        ctx.scale, ctx.tf32, ctx.x_dtype, ctx.sparse = scale, tf32, x.dtype, state.sparse
+        ctx.save_for_backward(state.xin, state.xv, weight, dropped, state.mu, state.rstd, state.rhs, state.m4)
         ctx.z = z  # an intermediate: kept on ctx so that backward can free it early
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, weight, dropped, mu, rstd, sum_w, rhs = ctx.saved_tensors
-        stride, padding, groups, scale = ctx.conf
-        need_gx = ctx.needs_input_grad[0]
-        g_mu, g_var, gx, gw, gb = normalised_conv_backward(
-            ctx, (stride, padding, groups), gy, x, weight, mu, rstd, sum_w, rhs, need_gx
+        xin, xv, weight, dropped, mu, rstd, rhs, m4 = ctx.saved_tensors
+        state = ConvState(xin, xv, mu, rstd, rhs, m4, ctx.sparse)  # ctx.sparse kept for a second backward
+        gx, gw, gb = kn_conv_backward(
+            ctx, gy, ctx.x_dtype, weight, dropped, state, ctx.conf, ctx.scale, ctx.needs_input_grad[0], ctx.tf32
         )
-        sparse = ctx.sparse  # kept for a second backward (retain_graph=True)
-        if not need_gx:  # e.g. a stem conv on the input images
-            return None, gw, gb, None, None, None, None, None, None
-        c, sdt = x.shape[1], rhs.dtype
-        # per window, float64: [g_mu - 2 g_var mu, g_var]
-        g = torch.cat([g_mu.addcmul_(g_var, mu, value=-2.0), g_var], dim=1)
-        # [A, B] per pixel (class docstring), times kh * kw / C: one transposed pooling, one cast
-        ab = _pool_backward(g, x.shape[2:], tuple(weight.shape[-2:]), stride, padding)  # (N, 2, H, W)
-        ab[:, 1:] *= 2.0 * scale
-        ab = ab.to(sdt).mul_(scale / (c * weight.shape[-2] * weight.shape[-1]))
-        a, b = ab[:, :1], ab[:, 1:]
-        if dropped is None or dropped.dtype != torch.bool:
-            # in place, then dropped elements (flat indices, in x's memory order: gx in x's layout) lose
-            # again what they were given: b x_d + a at their pixel, one gather of (a, b) per element
-            gx = gx.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
-            gx.addcmul_(b, x).add_(a)
-            if dropped is not None:
-                pix, xd = sparse
-                rows = ab.view(ab.shape[0], 2, -1).mT.neg().reshape(-1, 2).index_select(0, pix)  # (D, 2): -a, -b
-                memory_flat(gx).scatter_add_(0, dropped, torch.addcmul(rows[:, 0], rows[:, 1], xd).to(gx.dtype))
-        else:
-            gx.add_(torch.addcmul(a, b, x.to(sdt)).masked_fill_(dropped, 0.0))
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+def holder(z: Tensor) -> SimpleNamespace:
+    """An object whose `.z` `normalised_conv_backward` takes (and drops) the conv output from."""
+    return SimpleNamespace(z=z)
