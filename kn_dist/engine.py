@@ -24,6 +24,14 @@ from kn_dist.mix import BatchMixer, mix_targets
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# torch.compile settings of every compiled model in kn_dist (the worker, `kn-dist bench models --compile`,
+# tests/test_compile.py). Static shapes: with automatic dynamic shapes dynamo recompiles a model's modules with
+# symbolic sizes after a first shape change, and inductor failed on the Conformer that way (torch 2.14, CPU:
+# "Cannot convert expression to float"); a training run has two or three batch sizes (the last, partial batch
+# of train and of val), each compiled once. Recompile limit 64 instead of 8: room for those, train / eval and
+# a module class shared by several models in one process (the bench), so that nothing falls back to eager.
+COMPILE_CONFIG = {"automatic_dynamic_shapes": False, "recompile_limit": 64}
+
 
 # ----------------------------------------------------------------------------- optimizer & schedule
 
@@ -115,6 +123,16 @@ def build_ema(model: nn.Module, cfg: OptimConfig) -> ModelEma | None:
 def build_mixer(cfg: OptimConfig, seed: int, rank: int) -> BatchMixer | None:
     """This rank's mixup / cutmix when either alpha is set, else None."""
     return BatchMixer(cfg, seed, rank) if cfg.mixup_alpha or cfg.cutmix_alpha else None
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile(model) after applying COMPILE_CONFIG to dynamo's process-wide configuration (a training
+    process compiles one model; compilation happens at the first calls, so a scoped patch would not do)."""
+    import torch._dynamo
+
+    for key, value in COMPILE_CONFIG.items():
+        setattr(torch._dynamo.config, key, value)
+    return torch.compile(model)
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

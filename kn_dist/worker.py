@@ -237,13 +237,13 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
         forward = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if cfg.compile:
-        forward = torch.compile(forward)
+    if cfg.compile:  # with the settings `kn-dist bench models --compile` uses (engine.COMPILE_CONFIG)
+        forward = engine.compile_model(forward)
     # Validation runs on the unwrapped module: ranks may have different numbers of val batches (the
     # val shards are not padded) and DDP's forward can issue collectives.
-    evaluated = torch.compile(net) if cfg.compile else net
+    evaluated = engine.compile_model(net) if cfg.compile else net
     ema = engine.build_ema(net, cfg.optim)  # with EMA, evaluate the average (ConvNeXt's --model_ema_eval)
-    evaluated = (torch.compile(ema.module) if cfg.compile else ema.module) if ema is not None else evaluated
+    evaluated = (engine.compile_model(ema.module) if cfg.compile else ema.module) if ema is not None else evaluated
     seed_all(cfg.seed + 1000 * rank)  # a per-rank stream: dropout masks differ between ranks
 
     # FFCV shards itself (distributed=True, or a fixed global batch's order); built once, after the process group.

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from kn_dist.engine import COMPILE_CONFIG
 from kn_dist.models import create_model, list_models, model_info
 from kn_dist.models._registry import shape_probe
 from kn_dist.models.summary import forward_flops
@@ -177,13 +178,15 @@ def run(quick: bool = False, compile: bool = False) -> dict:
     repeats = 3 if quick else 11
     batch = 8 if quick else BATCH
     todo = pairs()[:1] if quick else pairs()
-    # Compiled: static shapes, and room for a recompile per module instance. Both models of a pair share
-    # their classes' code, so dynamo recompiles it for the second model; by default it then makes the
-    # differing sizes dynamic, and with torch 2.14 on CPU inductor failed on the Conformer pair that way
-    # (InductorError "Cannot convert expression to float"; each model alone compiled), and stopped
-    # compiling a code object after 8 versions (eager from then on). Static shapes also compile faster
-    # (the Conformer pair: 1.5 instead of 4.5 minutes here). Shapes are fixed in a bench anyway.
-    with torch.compiler.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+    # Compiled: the settings the worker trains with (engine.COMPILE_CONFIG): static shapes, and room for a
+    # recompile per module instance. Both models of a pair share their classes' code, so dynamo recompiles
+    # it for the second model; by default it then makes the differing sizes dynamic, and with torch 2.14 on
+    # CPU inductor failed on the Conformer pair that way (InductorError "Cannot convert expression to
+    # float"; each model alone compiled), and stopped compiling a code object after 8 versions (eager from
+    # then on). Static shapes also compile faster (the Conformer pair: 1.5 instead of 4.5 minutes here).
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(**COMPILE_CONFIG):
         cases = [_bench_or_error(name, base, kn, repeats, batch, device, compile) for name, base, kn in todo]
     settings = {"device": str(device), "batch": batch, "repeats": repeats, "dtype": "float32", "compile": compile}
     if device.type == "cpu":
