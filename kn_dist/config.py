@@ -83,6 +83,10 @@ class DataConfig(_Strict):
     progressive: ProgressiveResizing | None = None  # training resolution per epoch; None: image_size throughout
     tta_flip: bool = False  # evaluate on the mean logits of each image and its mirror (ffcv-imagenet's lr_tta)
 
+    # the loaders' GPU branch (uint8 to the device, converted and normalised there): "auto" on CUDA; "on" also
+    # on a CPU (to check it there), "off" never
+    device_pipeline: Literal["auto", "on", "off"] = "auto"
+
     @model_validator(mode="after")
     def _augmentation(self) -> DataConfig:
         if self.randaugment_magnitude >= self.randaugment_bins:

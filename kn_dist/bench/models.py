@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -184,8 +185,6 @@ def run(quick: bool = False, compile: bool = False) -> dict:
     # CPU inductor failed on the Conformer pair that way (InductorError "Cannot convert expression to
     # float"; each model alone compiled), and stopped compiling a code object after 8 versions (eager from
     # then on). Static shapes also compile faster (the Conformer pair: 1.5 instead of 4.5 minutes here).
-    import torch._dynamo
-
     with torch._dynamo.config.patch(**COMPILE_CONFIG):
         cases = [_bench_or_error(name, base, kn, repeats, batch, device, compile) for name, base, kn in todo]
     settings = {"device": str(device), "batch": batch, "repeats": repeats, "dtype": "float32", "compile": compile}

@@ -85,7 +85,7 @@ def _pipelines(data_cfg: DataConfig, beton: Beton, device: torch.device, channel
         image += strong_augment.pipeline_tail(data_cfg, seed, augment, mean, std, device, channels_last)
         if device.type == "cuda":
             label.append(ToDevice(device, non_blocking=True))
-    elif device.type == "cuda":  # ship uint8 (4x fewer bytes), convert and normalise on the GPU (as ffcv-cifar)
+    elif uses_device_pipeline(data_cfg, device):  # ship uint8 (4x fewer bytes), convert and normalise on the GPU
         if augment["pad"] or augment["flip"] or augment["cutout"]:
             image.append(SeededAugment(seed, **augment))
         image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=channels_last)]
@@ -98,6 +98,14 @@ def _pipelines(data_cfg: DataConfig, beton: Beton, device: torch.device, channel
     label.append(Squeeze(1))  # (B, 1) -> (B,)
     unused = {name: None for name in beton.fields if name not in ("image", "label")}  # e.g. the split `index`
     return {"image": image, "label": label, **unused}
+
+
+def uses_device_pipeline(data_cfg: DataConfig, device: torch.device) -> bool:
+    """Whether the pipelines take the GPU branch (uint8 to `device`, converted and normalised there, as
+    ffcv-cifar): on CUDA unless `data.device_pipeline` says otherwise; "on" selects it on a CPU too, where the
+    CPU-only machines that build kn_dist check it (tests/data/test_device_pipeline.py). The RandAugment & co.
+    tail (`strong_augment.pipeline_tail`) follows the device alone."""
+    return data_cfg.device_pipeline == "on" or (data_cfg.device_pipeline == "auto" and device.type == "cuda")
 
 
 def _require_group(rank: int, world_size: int) -> None:

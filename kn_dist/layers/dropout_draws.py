@@ -64,15 +64,14 @@ def uses_sparse_draw(x: Tensor, dropout_p: float) -> bool:
 def _dense_drop_mask(x: Tensor, dropout_p: float, generator: torch.Generator | None) -> Tensor:
     """Bool mask, shape and memory layout of x, True where dropped with probability dropout_p (to 2**-31).
 
-    31 random bits per element, drawn out of place (`torch.randint`, which torch.compile traces; dynamo breaks
-    the graph at an in-place `random_`) and in x's memory order (NHWC for a channels_last x), so the mask has
-    x's layout and elementwise ops with x read both in one order. The same call eagerly and compiled: with
-    inductor's `fallback_random` a compiled model draws the masks an eager one draws (tests/test_compile.py).
+    31 random bits per element, drawn out of place (`torch.randint_like`, which torch.compile traces, also
+    with symbolic shapes; dynamo breaks the graph at an in-place `random_`, and `torch.randint` fails on
+    symbolic sizes) and in x's memory order (NHWC for a channels_last x), so the mask has x's layout and
+    elementwise ops with x read both in one order. The same call eagerly and compiled: with inductor's
+    `fallback_random` a compiled model draws the masks an eager one draws (tests/test_compile.py).
     """
-    shape = (x.shape[0], *x.shape[2:], x.shape[1]) if is_channels_last(x) else x.shape  # memory order
-    bits = torch.randint(0, 2**31, shape, dtype=torch.int32, device=x.device, generator=generator)
-    mask = bits < round(dropout_p * 2**31)
-    return mask.permute(0, 3, 1, 2) if is_channels_last(x) else mask
+    bits = torch.randint_like(x, 0, 2**31, dtype=torch.int32, generator=generator)
+    return bits < round(dropout_p * 2**31)
 
 
 def _dropped_indices(
