@@ -165,6 +165,9 @@ class ScalingConfig(_Strict):
     # process itself, without Ray (kn_dist.in_process): same checkpoints and MLflow records, ~30 s less
     # start-up. false: always under Ray Train (a worker actor; e.g. to exercise NCCL on one GPU).
     in_process: bool = True
+    # DDP (and SyncBN with sync_bn) also at one worker: the GPU check exercises DDP's reducer, DDP + compile
+    # and NCCL on one GPU this way. Needs a process group: under Ray Train (in_process=false).
+    force_ddp: bool = False
 
 
 class CheckpointConfig(_Strict):
@@ -212,6 +215,7 @@ class ExperimentConfig(_Strict):
             raise ValueError("precision fp16 needs scaling.use_gpu=true; on CPU use precision=bf16")
         self._check_imagenet_options()
         self._check_global_batch()
+        _check_scaling(self.scaling)
         return self
 
     def _check_imagenet_options(self) -> None:
@@ -237,6 +241,27 @@ class ExperimentConfig(_Strict):
                     f"scaling.global_batch_size {scaling.global_batch_size} must be a multiple of data.batch_size "
                     f"{batch} x {workers} workers = {batch * workers} (the rest is gradient accumulation)"
                 )
+
+
+def _check_scaling(s: ScalingConfig) -> None:
+    """Worker layouts that cannot run, refused at config time (issue 24) rather than deep inside torch or NCCL."""
+    if s.sync_bn and not s.use_gpu:
+        raise ValueError(
+            "scaling.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); set scaling.use_gpu=true "
+            "or scaling.sync_bn=false"
+        )
+    if s.use_gpu and s.gpus_per_worker == 0:
+        raise ValueError("scaling.use_gpu=true with scaling.gpus_per_worker=0 gives the workers no GPU; set it > 0")
+    if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker < 1 and s.placement_strategy in ("PACK", "STRICT_PACK"):
+        raise ValueError(
+            f"scaling.gpus_per_worker={s.gpus_per_worker} with num_workers={s.num_workers} and placement "
+            f"{s.placement_strategy} packs several DDP ranks onto one GPU, which NCCL refuses; use gpus_per_worker=1"
+        )
+    if s.force_ddp and s.num_workers == 1 and s.in_process:
+        raise ValueError(
+            "scaling.force_ddp=true needs a process group, which a one-worker run in this process does not have; "
+            "set scaling.in_process=false (one worker under Ray Train)"
+        )
 
 
 def _describe(err: ValidationError) -> str:

@@ -20,6 +20,7 @@ from torch import nn
 
 from kn_dist.config import OptimConfig, ScheduleConfig
 from kn_dist.ema import ModelEma
+from kn_dist.errors import UserError
 from kn_dist.mix import BatchMixer, mix_targets
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -133,6 +134,20 @@ def compile_model(model: nn.Module) -> nn.Module:
     for key, value in COMPILE_CONFIG.items():
         setattr(torch._dynamo.config, key, value)
     return torch.compile(model)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse bf16 on a CUDA GPU without native bfloat16 (compute capability < 8.0: V100, T4): there cuBLAS and
+    cuDNN emulate it or fail per op, so a run would be slow or crash mid-epoch. One clear sentence instead."""
+    if precision != "bf16" or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        name = torch.cuda.get_device_name(device)
+        raise UserError(
+            f"precision=bf16 needs a GPU with bfloat16 (compute capability 8.0+, Ampere or newer), but {name} is "
+            f"sm_{major}{minor}; use precision=fp16 (loss-scaled) or fp32"
+        )
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

@@ -213,6 +213,7 @@ def train_loop(loop: LoopConfig, session: Session) -> None:
 
 
 def _configure_torch(cfg: ExperimentConfig, device: torch.device) -> None:
+    engine.check_precision(cfg.precision, device)  # bf16 on a GPU without it: one clear sentence, not NaNs
     if device.type == "cpu":  # no page faults for each step's temporaries (runtime.py)
         keep_freed_cpu_memory()
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
@@ -226,17 +227,16 @@ def _build(cfg: ExperimentConfig, rank: int, world: int, device: torch.device, *
     model = create_model(cfg.model.name, norm=cfg.model.norm, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
     num_params = sum(p.numel() for p in model.parameters())
     mark("model_built")
-    if cfg.scaling.sync_bn and world > 1:
-        # One BatchNorm batch over all ranks: the statistics of the global batch (DESIGN.md §9).
+    ddp = world > 1 or cfg.scaling.force_ddp  # force_ddp: DDP (and SyncBN) at world size 1 too, as the GPU check
+    if cfg.scaling.sync_bn and ddp:  # one BatchNorm batch over all ranks: the global batch's statistics (DESIGN §9)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = model.to(device)
     forward = net
-    if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    if ddp:
+        ids = [device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if cfg.compile:  # with the settings `kn-dist bench models --compile` uses (engine.COMPILE_CONFIG)
         forward = engine.compile_model(forward)
     # Validation runs on the unwrapped module: ranks may have different numbers of val batches (the
