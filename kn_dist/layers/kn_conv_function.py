@@ -284,10 +284,10 @@ def kn_conv_backward(holder, gy, x_dtype, weight, dropped, state: ConvState, con
     sdt = rhs.dtype
     # per window, float64: [g_mu - 2 g_var mu, g_var]
     g = torch.cat([g_mu.addcmul_(g_var, mu, value=-2.0), g_var], dim=1)
-    # [A, B] per pixel (class docstring), times kh * kw / C: one transposed pooling, one cast
+    # [A, B] per pixel (class docstring), times 1 / C: one transposed pooling, one cast
     ab = pool_backward(g, (h, w), (kh, kw), stride, padding)  # (N, 2, H, W)
     ab[:, 1:] *= 2.0 * scale
-    ab.mul_(scale / (c * kh * kw))
+    ab.mul_(scale / c)
     if m4 is not None:  # B x + A = B (x - m) + (A + B m)
         ab[:, :1].addcmul_(ab[:, 1:], m4)
     ab = ab.to(sdt)
