@@ -13,7 +13,8 @@ timed and its peak memory measured for:
   - pooled:    the same pooled maths as kn but through plain autograd (shows what the custom
                function buys; not part of the targets).
 
-Method. Batch 32, fp32, CPU with torch.set_num_threads(2). Time: the implementations run in turn
+Method. Batch 32, fp32, on the GPU where there is one (cuDNN's conv + BN; `kn-dist bench gpu` runs it there),
+else the CPU with torch.set_num_threads(2). Time: the implementations run in turn
 (interleaved) `repeats` times after a warm-up, each run = forward + backward with a fixed output
 gradient, gradients reset to None first; we report the median in ms. Peak memory: one extra run per
 implementation under torch.profiler with profile_memory=True; the allocator events (+bytes on
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
+from kn_dist.bench import layer_ops
 from kn_dist.layers.kernel_norm import KNConv2d, _kn_conv2d_autograd
 from kn_dist.runtime import keep_freed_cpu_memory
 
@@ -96,7 +98,7 @@ def _build(impl: str, channels: int, kernel: int, stride: int, padding: int, gro
         conv = KNConv2d(channels, channels, kernel, stride, padding, groups=groups, dropout_p=DROPOUT_P)
 
         def pooled(x: Tensor) -> Tensor:
-            keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - DROPOUT_P)
+            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - DROPOUT_P)
             return _kn_conv2d_autograd(
                 x, conv.weight, conv.bias, conv.stride, conv.padding, groups, conv.eps, keep, 1 / (1 - DROPOUT_P)
             )
@@ -118,14 +120,25 @@ def _step(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
     return run
 
 
-def _time_ms(fn: Callable[[], None]) -> float:
+def _time_ms(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 
-def _peak_mb(fn: Callable[[], None]) -> float:
-    """Peak of live torch-allocated bytes during fn (see module docstring), in MiB."""
+def _peak_mb(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak of live torch-allocated bytes during fn beyond those live before it (module docstring), in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -137,13 +150,13 @@ def _peak_mb(fn: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def _measure(shape: tuple, impls: list[str], repeats: int) -> dict:
+def _measure(shape: tuple, impls: list[str], repeats: int, device: torch.device) -> dict:
     name, channels, size, kernel, stride, padding, groups, _ = shape
     torch.manual_seed(0)
-    x = torch.randn(BATCH, channels, size, size, requires_grad=True)
+    x = torch.randn(BATCH, channels, size, size, device=device, requires_grad=True)
     steps = {}
     for impl in impls:
-        module = _build(impl, channels, kernel, stride, padding, groups).train()
+        module = _build(impl, channels, kernel, stride, padding, groups).to(device).train()
         with torch.no_grad():
             grad = torch.randn_like(module(x))
         steps[impl] = _step(module, x, grad)
@@ -151,26 +164,30 @@ def _measure(shape: tuple, impls: list[str], repeats: int) -> dict:
     times = {impl: [] for impl in impls}
     for _ in range(repeats):
         for impl in impls:
-            times[impl].append(_time_ms(steps[impl]))
+            times[impl].append(_time_ms(steps[impl], device))
     figures = {}
     for impl in impls:
-        _peak_mb(steps[impl])  # the first profiled run also counts one-off allocations (oneDNN caches)
-        peak = statistics.median(_peak_mb(steps[impl]) for _ in range(3))
+        _peak_mb(steps[impl], device)  # the first profiled run also counts one-off allocations (oneDNN caches)
+        peak = statistics.median(_peak_mb(steps[impl], device) for _ in range(3))
         figures[impl] = {"ms": statistics.median(times[impl]), "peak_mb": peak}
     return figures
 
 
 def run(quick: bool = False) -> dict:
-    """Benchmark every shape; returns {"cases": [...]} with raw figures and the issue's ratios."""
-    torch.set_num_threads(THREADS)
-    heap_kept = keep_freed_cpu_memory()  # as in every CPU training process (kn_dist.worker)
+    """Benchmark every shape on the GPU if there is one (else the CPU); {"cases": [...]} with raw figures, the
+    issue-2 ratios and the GPU cost model of `kn_dist.bench.layer_ops` (issue 24)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    heap_kept = False
+    if device.type == "cpu":
+        torch.set_num_threads(THREADS)
+        heap_kept = keep_freed_cpu_memory()  # as in every CPU training process (kn_dist.worker)
     repeats = 3 if quick else 11
     impls = ["kn", "official", "conv_bn", "conv"] + ([] if quick else ["pooled"])
     shapes = SHAPES[:1] if quick else SHAPES
     cases = []
     for shape in shapes:
         name, channels, size, kernel, stride, padding, groups, has_target = shape
-        figures = _measure(shape, impls, repeats)
+        figures = _measure(shape, impls, repeats, device)
         raw = {f"{impl}_{q}": round(figures[impl][q], 3) for impl in impls for q in ("ms", "peak_mb")}
         for metric, (num, den, quantity, op, target) in TARGETS.items():
             ratio = figures[num][quantity] / figures[den][quantity]
@@ -187,8 +204,10 @@ def run(quick: bool = False) -> dict:
                     "met": met,
                 }
             )
-    return {
-        "cases": cases,
-        "settings": {"threads": THREADS, "repeats": repeats, "dropout_p": DROPOUT_P, "dtype": "float32"}
-        | {"freed_cpu_memory_kept": heap_kept},
-    }
+        cases += layer_ops.cases(name, channels, size, kernel, stride, padding, groups, BATCH if not quick else 8)
+    settings = {"device": str(device), "repeats": repeats, "dropout_p": DROPOUT_P, "dtype": "float32"}
+    if device.type == "cpu":
+        settings |= {"threads": THREADS, "freed_cpu_memory_kept": heap_kept}
+    else:
+        settings["gpu"] = torch.cuda.get_device_name(device)
+    return {"cases": cases, "settings": settings}

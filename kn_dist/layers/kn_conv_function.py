@@ -220,9 +220,10 @@ def normalised_conv_backward(holder, gy, xin, weight, mu, rstd, rhs, conf, centr
     sdt = rhs.dtype
     kh, kw = weight.shape[-2:]
     taps = kh * kw if centred else 1
-    gy3 = _as_ncl(gy.to(sdt))  # (N, O, L), in gy's layout
+    gy_s = gy.to(sdt)
+    gy3 = _as_ncl(gy_s)  # (N, O, L), in gy's layout
     h = torch.matmul(_tap_weights(weight, sdt, centred).T, gy3)  # (N, K, L)
-    gz_sum = (gy3 * _as_ncl(z).to(sdt)).sum(dim=1, keepdim=True)
+    gz_sum = (gy3 * _as_ncl(z).to(sdt)).sum(dim=1, keepdim=True)  # (N, 1, L): sum_o gy_o z_o
     del z  # the peak of backward is at the conv backward below
     if taps == 1:  # uncentred: H rhs = -G1 mu rstd cancels against rstd Gz, so the product in float64
         g1 = h.to(MAP_DTYPE)
@@ -235,7 +236,7 @@ def normalised_conv_backward(holder, gy, xin, weight, mu, rstd, rhs, conf, centr
     g_mu = g1.mul_(r).neg_().view(n, 1, h_out, w_out)
     # Over (N, L): the grads of the tap weights (each reaches its tap of every channel) and of the bias.
     red = torch.matmul(gy3, rhs.mT).sum(0)  # (O, K (+1))
-    gz = conv_operand(gy.to(sdt) * rstd.to(sdt), xin.dtype, tf32)  # in gy's layout, as the conv backward wants
+    gz = _scaled_operand(gy_s, rstd.to(sdt), xin.dtype, tf32)  # in gy's layout, as the conv backward wants
     gx, gw, _ = torch.ops.aten.convolution_backward(
         gz, xin, w_conv, None, stride, padding, (1, 1), False, (0, 0), groups, (need_gx, True, False)
     )
@@ -244,6 +245,14 @@ def normalised_conv_backward(holder, gy, xin, weight, mu, rstd, rhs, conf, centr
     gw.add_(red[:, :taps].to(gw.dtype).view(o, 1, kh if taps > 1 else 1, kw if taps > 1 else 1))
     gb = red[:, taps].to(weight.dtype) if red.shape[1] == taps + 1 else None
     return g_mu, g_var, gx, gw, gb
+
+
+def _scaled_operand(gy: Tensor, rstd: Tensor, dtype: torch.dtype, tf32: bool) -> Tensor:
+    """gy * rstd as the conv backward's operand in `dtype`: one pass, no fp32 temporary for a low-precision one."""
+    if gy.dtype == dtype:
+        return conv_operand(gy * rstd, dtype, tf32)
+    out = torch.empty_like(gy, dtype=dtype)
+    return torch.mul(gy, rstd, out=out)
 
 
 class ConvState(NamedTuple):
