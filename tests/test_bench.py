@@ -33,9 +33,10 @@ def test_bench_models_quick_prints_cases_with_ratio_and_target(capsys):
 
 
 @pytest.mark.slow
-def test_bench_gpu_without_cuda_says_where_it_stopped(capsys):
+def test_bench_gpu_without_cuda_says_where_it_stopped(capsys, tmp_path, monkeypatch):
     import torch
 
+    monkeypatch.setenv("KN_DIST_GPU_CHECK_JSON", str(tmp_path / "gpu-check.json"))
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the whole check")
     assert main(["bench", "gpu", "--quick"]) == 0
