@@ -14,7 +14,7 @@ from pathlib import Path
 from kn_dist.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCH_TARGETS = ("layers", "models", "data", "ray", "tune", "startup", "gpu", "precision")
+BENCH_TARGETS = ("layers", "models", "data", "ray", "tune", "startup", "gpu", "precision", "compile")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
