@@ -133,9 +133,12 @@ def test_flat_near_constant_border_and_offset_inputs(case, precision):
     assert weight_grad <= GRAD_TARGET[precision] and input_grad <= GRAD_TARGET[precision], (weight_grad, input_grad)
 
 
-def test_the_sparse_cpu_drop_path_is_centred_too():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_sparse_cpu_drop_path_is_centred_too(channels_last):
     """The layer's own draw (flat indices on CPU): bf16 against the same drop as a mask in fp64."""
     layer, x = _layer(16, 3, 1, 1, p=0.1), make_input("flat_patch", batch=2, channels=16, size=24)
+    if channels_last:  # flat indices in NHWC memory order
+        layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(11)
     grad = torch.randn(2, 16, 24, 24)
     torch.manual_seed(5)
