@@ -2,13 +2,16 @@
 (`check_dataset`, `check_data_for_workers`, `inspect_beton`, `inspect_dataset`) and per-rank loaders
 (`loaders` = train + val, `eval_loader(split="test")` for final runs). See DESIGN.md §1, §6–8.
 
-Modules: catalog (dataset facts), sources (where images come from), splits (which samples go to
+Modules: numba_cache (FFCV's import-time numba compiles cached on disk), catalog (dataset facts),
+sources (where images come from), splits (which samples go to
 train / val / test), writers, beton (reading/validating files), checks, augment (seeded
 augmentation), randaugment + strong_augment (RandAugment / AutoAugment, colour jitter, random erasing,
 seeded alike), imagenet_pipeline (seeded RandomResizedCrop decoding, centre-crop eval, progressive
 resizing), global_batch (a global batch kept on any world size), loaders.
 """
 
+# before any FFCV import: numba's compiles at FFCV's import come from disk, not ~3 s of CPU per process
+from kn_dist.data import numba_cache  # noqa: F401, I001
 from kn_dist.data.beton import inspect_beton, open_beton
 from kn_dist.data.catalog import DATASETS, dataset_info
 from kn_dist.data.checks import (
