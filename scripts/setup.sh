@@ -28,10 +28,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 # pip warns once per package about this machine's local index folders; keep real errors visible.
-# --no-compile: pip would byte-compile all ~20,000 .py files of torch, ray and mlflow (~50 s on 2 cores);
-# Python compiles, and caches, only the modules that are imported, on first import.
+# No --no-compile: it would save pip's ~50 s of byte-compiling, but with PYTHONDONTWRITEBYTECODE set (as on
+# this machine) every Ray worker would then recompile torch's modules from source at each start.
 pip_install() {
-  { .venv/bin/python -m pip install -q --no-compile "$@" 2>&1; } | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  { .venv/bin/python -m pip install -q "$@" 2>&1; } | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 
 # The torch build this machine's NVIDIA driver and GPUs can run (kn_dist/cuda_wheel.py, standard library only):
