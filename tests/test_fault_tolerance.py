@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 import torch
-from mlflow import MlflowClient
+from mlflow_helpers import the_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -65,14 +65,6 @@ def _config(tmp, name: str, epochs: int = EPOCHS, workers: int = 2):
     )
 
 
-def _the_run(cfg):
-    client = MlflowClient(cfg.tracking.uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([experiment.experiment_id]) if experiment else []
-    assert len(runs) <= 1, [r.info.run_id for r in runs]
-    return client, (runs[0] if runs else None)
-
-
 def _assert_recovered(cfg, result, run_dir) -> str:
     """Every epoch trained, checkpointed and logged exactly once; returns the resumed_from tag."""
     from kn_dist.worker import CHECKPOINT_FILE
@@ -82,7 +74,7 @@ def _assert_recovered(cfg, result, run_dir) -> str:
         torch.load(p, map_location="cpu", weights_only=False)["epoch"] for p in run_dir.glob(f"*/{CHECKPOINT_FILE}")
     )
     assert epochs == list(range(1, cfg.epochs + 1)), epochs
-    client, run = _the_run(cfg)
+    client, run = the_run(cfg)
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "lr"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == list(range(1, cfg.epochs + 1)), f"{key}: {steps}"
@@ -133,7 +125,7 @@ def test_worker_sigkilled_mid_run_recovers_from_a_checkpoint(local_ray, tmp_path
     while True:  # until epoch 1 is checkpointed and logged; then kill one worker during epoch 2
         assert thread.is_alive(), f"training ended before its first checkpoint: {outcome}"
         assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
-        client, run = _the_run(cfg)
+        client, run = the_run(cfg)
         logged = run is not None and client.get_metric_history(run.info.run_id, "val_top1")
         if logged and (run_dir / "epoch_0001" / CHECKPOINT_FILE).is_file():
             break
@@ -142,7 +134,7 @@ def test_worker_sigkilled_mid_run_recovers_from_a_checkpoint(local_ray, tmp_path
     workers = _train_workers()
     assert len(workers) == 2, workers
     os.kill(workers[-1].pid, signal.SIGKILL)
-    client, run = _the_run(cfg)
+    client, run = the_run(cfg)
     assert len(client.get_metric_history(run.info.run_id, "val_top1")) < cfg.epochs, "the kill came too late"
 
     thread.join(timeout=600)

@@ -28,7 +28,7 @@ import pytest
 import ray
 import torch
 from imagefolder_helpers import write_digit_jpegs
-from mlflow import MlflowClient
+from mlflow_helpers import the_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -97,14 +97,6 @@ def _config(tmp, name: str, workers: int, min_workers: int | None, store: str = 
     )
 
 
-def _the_run(cfg):
-    client = MlflowClient(cfg.tracking.uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([experiment.experiment_id]) if experiment else []
-    assert len(runs) <= 1, [r.info.run_id for r in runs]
-    return client, (runs[0] if runs else None)
-
-
 def _history(client, run, key: str) -> list[float]:
     metrics = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
     assert [m.step for m in metrics] == list(range(1, EPOCHS + 1)), f"{key}: one value per epoch"
@@ -160,7 +152,7 @@ def test_elastic_imagenet_run_loses_a_node_and_matches_one_worker(three_raylets,
     while True:  # epoch 1 checkpointed and logged; rank 1 then stalls in epoch 2
         assert thread.is_alive(), f"the run ended before its first checkpoint: {outcome}"
         assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
-        client, run = _the_run(cfg)
+        client, run = the_run(cfg)
         if run and client.get_metric_history(run.info.run_id, "val_top1") and (run_dir / "epoch_0001").is_dir():
             break
         time.sleep(0.5)
@@ -177,7 +169,7 @@ def test_elastic_imagenet_run_loses_a_node_and_matches_one_worker(three_raylets,
     thread.join(timeout=600)
     assert not thread.is_alive(), "the run did not finish within 10 minutes of the node loss"
     assert "error" not in outcome, f"the run failed instead of resuming: {outcome.get('error')!r}"
-    client, run = _the_run(cfg)  # one MLflow run for the whole elastic run
+    client, run = the_run(cfg)  # one MLflow run for the whole elastic run
     assert run.info.status == "FINISHED" and run.data.tags.get("kn_dist.resumed_from") == "1"
     assert _history(client, run, "world_size") == [2, 1]
     assert _history(client, run, "accumulation_steps") == [1, 2]  # the global batch kept: 2 x 8, then 1 x 2 x 8
@@ -193,7 +185,7 @@ def test_elastic_imagenet_run_loses_a_node_and_matches_one_worker(three_raylets,
 
     reference.join(timeout=300)
     assert "reference" in outcome, f"the one-worker reference run failed: {outcome.get('reference_error')!r}"
-    ref_client, ref = _the_run(ref_cfg)
+    ref_client, ref = the_run(ref_cfg)
     assert _history(ref_client, ref, "accumulation_steps") == [2, 2]
     # ffcv-imagenet's ramp from 16 to 24 px over epochs 0..1: the resumed epoch trained at the second side.
     assert _history(client, run, "resolution") == _history(ref_client, ref, "resolution") == [16, 24]
